@@ -1,0 +1,69 @@
+"""Writing the trained reward model in plain Hugging Face format.
+
+The full state dict is gathered on every rank (ZeRO-3 needs all ranks for that) and written by the main one into
+a fresh CPU copy of the model, so the export never touches the distributed model's sharded parameters:
+  output_dir/model/    merged model + tokenizer: AutoModelForSequenceClassification.from_pretrained loads it
+  output_dir/adapter/  the LoRA adapter with the trained score head (LoRA runs only)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from typing import Any
+
+from accelerate import Accelerator
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+
+from rm.model import RewardModel
+
+MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
+
+
+def _no_zero3_init(accelerator: Accelerator) -> contextlib.AbstractContextManager:
+    """Under ZeRO-3, models built on the host must not be partitioned on construction."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext()
+
+
+def export_reward_model(accelerator: Accelerator, model: nn.Module, tokenizer: Any, output_dir: str,
+                        extra_config: dict[str, Any] | None = None) -> str:
+    """Saves the merged model (and the adapter under LoRA); returns the merged model's directory."""
+    state = accelerator.get_state_dict(model)  # collective: every rank
+    merged_dir = os.path.join(output_dir, MODEL_DIR)
+    if accelerator.is_main_process:
+        wrapper: RewardModel = accelerator.unwrap_model(model)
+        prefix = "model."
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        config = copy.deepcopy(wrapper.hf_model.config)
+        for key, value in (extra_config or {}).items():
+            setattr(config, key, value)
+        with _no_zero3_init(accelerator):
+            host_model = AutoModelForSequenceClassification.from_config(config, dtype=next(iter(state.values())).dtype)
+            peft_config = getattr(wrapper.model, "peft_config", None)
+            if peft_config:
+                from peft import get_peft_model
+
+                host_model = get_peft_model(host_model, copy.deepcopy(peft_config["default"]),
+                                            autocast_adapter_dtype=False)
+        missing, unexpected = host_model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"export: state dict mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if peft_config:
+            host_model.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
+            tokenizer.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
+            host_model = host_model.merge_and_unload()
+        host_model.save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+    accelerator.wait_for_everyone()
+    return merged_dir
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")

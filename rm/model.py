@@ -1,0 +1,93 @@
+"""The reward model: a sequence-classification LM whose reward is read at the last real token.
+
+`RewardModel` wraps the Hugging Face model (optionally LoRA-wrapped) so that the trainer's forward, and with it
+DDP / DeepSpeed, goes through one module. The reward position comes from the attention mask, never from
+comparing token ids with the pad id (which reads the wrong token when pad == eos).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+TINY = "tiny"
+TINY_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"
+
+
+def tiny_config(tokenizer: Any, hidden_size: int = 64, num_layers: int = 2) -> Any:
+    """A small Qwen3 config (random weights): the offline quickstart and test model."""
+    return AutoConfig.for_model(
+        "qwen3", vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
+        max_position_embeddings=4096, tie_word_embeddings=False, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> Any:
+    """The tokenizer, right padding, with a pad token that is not the end-of-turn token when one can be had."""
+    source = TINY_TOKENIZER if name_or_path == TINY else name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_backbone(name_or_path: str, tokenizer: Any, dtype: torch.dtype, cache_dir: str | None = None) -> nn.Module:
+    """AutoModelForSequenceClassification with one output; build under the Accelerator so ZeRO-3 can shard it."""
+    if name_or_path == TINY:
+        model = AutoModelForSequenceClassification.from_config(tiny_config(tokenizer), dtype=dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, dtype=dtype, cache_dir=cache_dir)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_modules: str,
+               adapter_dtype_float32: bool = True) -> nn.Module:
+    """LoRA adapters on the linear layers; the score head is trained in full (modules_to_save)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if target_modules == "all" else [m.strip() for m in target_modules.split(",")]
+    config = LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=targets, modules_to_save=["score"])
+    return get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype_float32)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position whose mask is 1, per row; right or left padding alike."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over the real tokens of each row, so left-padded rows see the same positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class RewardModel(nn.Module):
+    """Scalar reward per sequence: backbone hidden state at the last real token, through the score head."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model  # the HF sequence-classification model, or its PEFT wrapper
+        self.config = self.hf_model.config  # accelerate reads it to fill DeepSpeed's "auto" values
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The sequence-classification model itself (with LoRA layers injected when PEFT is used)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        seq_cls = self.hf_model
+        backbone = getattr(seq_cls, seq_cls.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last_hidden = hidden[rows, last_token_index(attention_mask)]
+        return seq_cls.score(last_hidden).squeeze(-1).float()

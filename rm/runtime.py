@@ -1,0 +1,96 @@
+"""Accelerator, output directory, optimizer and LR schedule: the pieces whose wrong setup trains silently wrong."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterable
+
+import torch
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import InitProcessGroupKwargs
+from transformers import get_scheduler
+
+from rm.config import ConfigError, TrainConfig
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Refuse to write into a non-empty output_dir unless asked to: nothing already written is overwritten."""
+    if os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir) and not cfg.overwrite_output_dir:
+        raise ConfigError(f"output_dir {cfg.output_dir!r} exists and is not empty; pass --overwrite_output_dir "
+                          "true to write into it, or choose another directory")
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """Without CUDA, name gloo explicitly: accelerate picks no backend on CPU under DeepSpeed and then believes
+    every rank is rank 0 of 1 (field notes). A plain `python train.py` (no launcher, no WORLD_SIZE) stays
+    single-process."""
+    launched = "WORLD_SIZE" in os.environ
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+    trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision="bf16" if cfg.bf16 else None,
+        log_with=trackers,
+        project_dir=cfg.output_dir,
+        kwargs_handlers=handlers,
+    )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        ds_config = plugin.deepspeed_config
+        if "gradient_accumulation_steps" in ds_config and ds_config["gradient_accumulation_steps"] not in (
+                "auto", cfg.gradient_accumulation_steps):
+            raise ConfigError("the accelerate yaml sets gradient_accumulation_steps; remove it: "
+                              "--gradient_accumulation_steps owns that value")
+        if ds_config.get("gradient_clipping", "auto") == "auto":
+            ds_config["gradient_clipping"] = cfg.max_grad_norm
+    return accelerator
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The ZeRO stage that runs (0 without DeepSpeed)."""
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def model_dtype(accelerator: Accelerator, use_peft: bool) -> torch.dtype:
+    """bf16 weights when DeepSpeed keeps fp32 master copies or when the base is frozen (LoRA); else fp32 weights
+    under bf16 autocast, so plain full fine-tuning never updates bf16 weights directly."""
+    bf16 = accelerator.mixed_precision == "bf16"
+    return torch.bfloat16 if bf16 and (use_peft or uses_deepspeed(accelerator)) else torch.float32
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """torch AdamW (DeepSpeed's own Adam needs a long JIT build); fused kernels on CUDA."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+                             fused=torch.cuda.is_available())
+
+
+def optimizer_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> tuple[int, int]:
+    """(total optimizer steps, optimizer steps per epoch) from the per-process micro-batch count."""
+    per_epoch = max(1, math.ceil(micro_batches_per_epoch / cfg.gradient_accumulation_steps))
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+    return total, per_epoch
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Kept out of accelerator.prepare (which would step it once per process) and stepped once per optimizer step."""
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def peak_memory_gb(accelerator: Accelerator) -> float:
+    """Peak device memory on GPU; peak resident set size of this process on CPU."""
+    if accelerator.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux

@@ -1,0 +1,192 @@
+"""Train a pairwise (chosen vs rejected) reward model.
+
+    python train.py --model_name_or_path tiny --train_file_dir data/sample/train.jsonl ...        # 1 process
+    accelerate launch --config_file accelerate_configs/zero3_1node.yaml train.py ...               # DeepSpeed
+
+Reads top to bottom: settings, Accelerator, tokenizer, data, model, prepare, the loop, evaluation, export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from rm.config import ConfigError, TrainConfig, parse_config
+from rm.data import DataError
+from rm.encoding import PairCollator, PairEncoder, build_dataset
+from rm.evaluate import evaluate
+from rm.export import export_reward_model, write_json
+from rm.loss import pair_statistics, pairwise_loss, split_rewards
+from rm.model import RewardModel, apply_lora, load_backbone, load_tokenizer
+from rm.runtime import (build_optimizer, build_scheduler, check_output_dir, make_accelerator, model_dtype,
+                        optimizer_steps, peak_memory_gb, zero_stage)
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    check_output_dir(cfg)
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+
+    def log(message: str) -> None:
+        if accelerator.is_main_process:
+            tqdm.write(message)
+
+    stage = zero_stage(accelerator)
+    log(f"run: {accelerator.distributed_type.value}, ZeRO stage {stage}, {accelerator.num_processes} processes, "
+        f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}")
+
+    # ---- tokenizer and data: validated and tokenized once, before the model costs any memory
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.cache_dir)
+    encoder = PairEncoder(tokenizer, cfg.max_source_length, cfg.max_target_length)
+    with accelerator.main_process_first():
+        quiet = not accelerator.is_main_process
+        train_set = build_dataset(cfg.train_file_dir, encoder, cfg.max_train_samples, "train", cfg.cache_dir,
+                                  show_progress=not quiet, log=log)
+        eval_set = None
+        if cfg.validation_file_dir:
+            eval_set = build_dataset(cfg.validation_file_dir, encoder, cfg.max_eval_samples, "eval", cfg.cache_dir,
+                                     show_progress=not quiet, log=log)
+
+    # ---- model: built after the Accelerator so ZeRO-3 can partition it as it loads
+    backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft), cfg.cache_dir)
+    if cfg.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if cfg.use_peft:
+        backbone.enable_input_require_grads()  # reentrant checkpointing needs a grad-carrying input
+        backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+                              adapter_dtype_float32=stage != 3)  # ZeRO-3 wants one dtype for all tensors
+    model = RewardModel(backbone)
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 parameters are partitioned)
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
+    log(f"model: {cfg.model_name_or_path}, {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
+        f"({'LoRA' if cfg.use_peft else 'full fine-tuning'})")
+
+    optimizer = build_optimizer(model.parameters(), cfg)
+    collator = PairCollator(tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True,
+                              collate_fn=collator, generator=generator)
+    eval_loader = (DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collator)
+                   if eval_set is not None else None)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
+        raise ConfigError(f"gradient accumulation is {accelerator.gradient_accumulation_steps} after prepare, "
+                          f"expected {cfg.gradient_accumulation_steps}: remove it from the accelerate yaml")
+    total_steps, steps_per_epoch = optimizer_steps(cfg, len(train_loader))
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    epochs = -(-total_steps // steps_per_epoch)
+    pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    log(f"data: {len(train_set)} train pairs, {len(eval_set) if eval_set is not None else 0} eval pairs; "
+        f"{total_steps} optimizer steps of {pairs_per_step} pairs ({epochs} epochs)")
+
+    run_info = {"distributed_type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes,
+                "zero_stage": stage, "mixed_precision": accelerator.mixed_precision,
+                "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+                "total_steps": total_steps, "train_pairs": len(train_set), "trainable_parameters": trainable}
+    hparams = {k: (v if v is not None else "") for k, v in dataclasses.asdict(cfg).items()}
+    accelerator.init_trackers("runs", config=hparams)
+
+    # ---- the loop: one forward over chosen + rejected, one backward, one optimizer step every GA micro-batches
+    global_step, history = 0, []
+    sums = {k: torch.zeros((), device=accelerator.device) for k in ("loss", "micro", "pairs", "correct", "margin",
+                                                                     "tokens")}
+    grad_norm = torch.zeros(())
+    progress = tqdm(total=total_steps, desc="Training", disable=not accelerator.is_local_main_process)
+    window_start = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                chosen, rejected = split_rewards(model(batch["input_ids"], batch["attention_mask"]))
+                loss = pairwise_loss(chosen, rejected, batch["margin"], cfg.center_rewards_coefficient)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            for key, value in pair_statistics(chosen, rejected).items():
+                sums[key] += value
+            sums["loss"] += loss.detach().float()
+            sums["micro"] += 1
+            sums["tokens"] += batch["attention_mask"].sum()
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            global_step += 1
+            progress.update(1)
+
+            if global_step % cfg.logging_steps == 0 or global_step == total_steps:
+                totals = {k: accelerator.reduce(v.clone(), reduction="sum").item() for k, v in sums.items()}
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "train/loss": totals["loss"] / totals["micro"],
+                    "train/accuracy": totals["correct"] / totals["pairs"],
+                    "train/margin": totals["margin"] / totals["pairs"],
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "train/tokens_per_s": totals["tokens"] / elapsed,
+                    "train/pairs_per_s": totals["pairs"] / elapsed,
+                    "train/peak_memory_gb": peak_memory_gb(accelerator),
+                    "train/epoch": epoch + 1,
+                }
+                accelerator.log(metrics, step=global_step)
+                history.append({"step": global_step, **metrics})
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/accuracy']:.3f}")
+                log(f"step {global_step}/{total_steps} " + " ".join(
+                    f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()))
+                for value in sums.values():
+                    value.zero_()
+                window_start = time.perf_counter()
+
+            if eval_loader is not None and global_step % cfg.eval_steps == 0 and global_step < total_steps:
+                eval_metrics = {f"eval/{k}": v for k, v in evaluate(accelerator, model, eval_loader).items()}
+                accelerator.log(eval_metrics, step=global_step)
+                history.append({"step": global_step, **eval_metrics})
+                log(f"eval at step {global_step}: " + " ".join(f"{k[5:]}={v:.4g}" for k, v in eval_metrics.items()))
+            if global_step >= total_steps:
+                break
+    progress.close()
+
+    # ---- final evaluation and export
+    final = {"step": global_step}
+    if eval_loader is not None:
+        final.update({f"eval/{k}": v for k, v in evaluate(accelerator, model, eval_loader).items()})
+        accelerator.log({k: v for k, v in final.items() if k != "step"}, step=global_step)
+    train_logs = [h for h in history if "train/loss" in h]
+    if train_logs:
+        final.update({k: v for k, v in train_logs[-1].items() if k.startswith("train/")})
+    merged_dir = export_reward_model(accelerator, model, tokenizer, cfg.output_dir)
+    if accelerator.is_main_process:
+        write_json(os.path.join(cfg.output_dir, "training_config.json"), dataclasses.asdict(cfg))
+        write_json(os.path.join(cfg.output_dir, "run_info.json"), run_info)
+        write_json(os.path.join(cfg.output_dir, "metrics.json"), {"final": final, "history": history})
+    log(f"saved the reward model to {merged_dir}")
+    log("final: " + json.dumps(final))
+    accelerator.wait_for_everyone()  # before end_training: avoids the exit-time crashes seen under ZeRO-3
+    accelerator.end_training()
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        train(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
