@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 from accelerate.utils import set_seed
@@ -28,6 +29,8 @@ from rm.loss import pair_statistics, pairwise_loss, split_rewards
 from rm.model import RewardModel, apply_lora, load_backbone, load_tokenizer
 from rm.runtime import (build_optimizer, build_scheduler, check_output_dir, make_accelerator, model_dtype,
                         optimizer_steps, peak_memory_gb, zero_stage)
+
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")  # torch deprecation inside DeepSpeed
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:

@@ -12,7 +12,7 @@ import contextlib
 import copy
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from accelerate import Accelerator
 from torch import nn
@@ -24,10 +24,21 @@ MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
 
 
-def _no_zero3_init(accelerator: Accelerator) -> contextlib.AbstractContextManager:
-    """Under ZeRO-3, models built on the host must not be partitioned on construction."""
+@contextlib.contextmanager
+def _no_zero3_init(accelerator: Accelerator) -> Iterator[None]:
+    """Under ZeRO-3, a model built on the host alone must not be partitioned (that would wait for the other
+    ranks forever). transformers decides from its global DeepSpeed config, so lift that while building."""
     plugin = accelerator.state.deepspeed_plugin
-    return plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext()
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def export_reward_model(accelerator: Accelerator, model: nn.Module, tokenizer: Any, output_dir: str,

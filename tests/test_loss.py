@@ -1,0 +1,51 @@
+import math
+
+import torch
+
+from rm.loss import pair_statistics, pairwise_loss, reward_metrics, split_rewards
+
+
+def test_pairwise_loss_matches_hand_computed_values():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    expected = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(1.0))) / 2
+    assert math.isclose(pairwise_loss(chosen, rejected).item(), expected, rel_tol=1e-6)
+
+
+def test_margin_shifts_the_difference():
+    chosen, rejected, margin = torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0.5])
+    assert math.isclose(pairwise_loss(chosen, rejected, margin).item(), math.log(1 + math.exp(-0.5)), rel_tol=1e-6)
+
+
+def test_centering_adds_squared_sum():
+    chosen, rejected = torch.tensor([3.0]), torch.tensor([1.0])
+    base = pairwise_loss(chosen, rejected).item()
+    assert math.isclose(pairwise_loss(chosen, rejected, center_rewards_coefficient=0.1).item(), base + 0.1 * 16,
+                        rel_tol=1e-6)
+
+
+def test_loss_is_float32_for_bf16_rewards():
+    loss = pairwise_loss(torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([0.0], dtype=torch.bfloat16))
+    assert loss.dtype == torch.float32
+
+
+def test_split_rewards_takes_chosen_rows_first():
+    chosen, rejected = split_rewards(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert chosen.tolist() == [1.0, 2.0] and rejected.tolist() == [3.0, 4.0]
+
+
+def test_metrics_against_hand_computed_values():
+    chosen, rejected = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, -1.0])
+    m = reward_metrics(chosen, rejected)
+    assert math.isclose(m["accuracy"], 2 / 3)
+    assert math.isclose(m["margin"], (1 - 1 + 2) / 3)
+    assert math.isclose(m["reward_chosen"], 1.0) and math.isclose(m["reward_rejected"], 1 / 3)
+    both = [2.0, 0.0, 1.0, 1.0, 1.0, -1.0]
+    mean = sum(both) / 6
+    assert math.isclose(m["reward_mean"], mean)
+    assert math.isclose(m["reward_std"], math.sqrt(sum((x - mean) ** 2 for x in both) / 6))
+    assert math.isclose(m["loss"], pairwise_loss(chosen, rejected).item(), rel_tol=1e-6)
+
+
+def test_pair_statistics_are_sums():
+    s = pair_statistics(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
+    assert s["pairs"].item() == 2 and s["correct"].item() == 1 and s["margin"].item() == 0.0
