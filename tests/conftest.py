@@ -29,3 +29,28 @@ def tiny_model(tokenizer):
 
     torch.manual_seed(0)
     return load_backbone(TINY, tokenizer, torch.float32)
+
+
+def run_train(output_dir, *args, processes: int = 1, port: int | None = None, accelerate_config: str | None = None,
+              timeout: int = 600):
+    """Runs train.py for real (python, or accelerate launch for several processes / a yaml); returns
+    (completed process, metrics.json, run_info.json)."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/torch_ext")}
+    launcher = [sys.executable, "train.py"]
+    if accelerate_config or processes > 1:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port)]
+        if accelerate_config:
+            launcher += ["--config_file", accelerate_config, "--num_processes", str(processes)]
+        else:  # plain DDP on CPU over gloo (ACCELERATE_USE_CPU must never be set for DeepSpeed runs)
+            env["ACCELERATE_USE_CPU"] = "true"
+            launcher += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                         "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launcher += ["train.py"]
+    cmd = launcher + ["--output_dir", str(output_dir), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    read = lambda name: json.loads((Path(output_dir) / name).read_text())  # noqa: E731
+    return proc, read("metrics.json"), read("run_info.json")

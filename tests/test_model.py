@@ -1,0 +1,103 @@
+import copy
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from rm.encoding import PairCollator
+from rm.loss import pairwise_loss, split_rewards
+from rm.model import RewardModel, apply_lora, last_token_index, position_ids_from_mask
+
+
+def test_last_token_index_right_and_left_padding():
+    right = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]])
+    assert last_token_index(right).tolist() == [2, 0, 3]
+    assert last_token_index(left).tolist() == [3, 3, 3]
+
+
+def test_last_token_index_ignores_token_ids_when_pad_equals_eos(tokenizer, tiny_model):
+    eos = tokenizer.eos_token_id
+    ids = torch.tensor([[5, 6, eos, eos, eos]])  # the real sequence ends with eos, then eos padding
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    assert last_token_index(mask).tolist() == [2]
+    tiny_model.config.pad_token_id = eos  # HF's own pooling would now read position 1
+    model = RewardModel(tiny_model).eval()
+    with torch.no_grad():
+        ours = model(ids, mask)
+        truth = model(ids[:, :3], mask[:, :3])
+    torch.testing.assert_close(ours, truth)
+
+
+def test_left_and_right_padding_give_the_same_reward(tiny_model):
+    model = RewardModel(tiny_model).eval()
+    right_ids, right_mask = torch.tensor([[7, 8, 9, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0]])
+    left_ids, left_mask = torch.tensor([[0, 0, 7, 8, 9]]), torch.tensor([[0, 0, 1, 1, 1]])
+    assert position_ids_from_mask(left_mask).tolist() == [[0, 0, 0, 1, 2]]
+    with torch.no_grad():
+        torch.testing.assert_close(model(right_ids, right_mask), model(left_ids, left_mask), atol=1e-5, rtol=1e-5)
+
+
+def _batch(n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    features = []
+    for _ in range(n):
+        prompt = torch.randint(10, 4000, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen).tolist()
+        features.append({"chosen_input_ids": prompt + [11, 12], "rejected_input_ids": prompt + [13, 14, 15],
+                         "margin": 0.0})
+    return PairCollator(pad_token_id=0)(features)
+
+
+def _one_step(model: torch.nn.Module, lr: float = 1e-2) -> None:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = _batch()
+    chosen, rejected = split_rewards(model(batch["input_ids"], batch["attention_mask"]))
+    pairwise_loss(chosen, rejected).backward()
+    optimizer.step()
+
+
+def test_lora_trains_adapters_and_score_head_only(tiny_model):
+    model = RewardModel(apply_lora(tiny_model, rank=4, alpha=8, dropout=0.0, target_modules="all"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)
+    assert all("lora_" in n or "score" in n for n in trainable)
+    _one_step(model)
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        assert changed == (name in trainable), f"{name}: changed={changed}, trainable={name in trainable}"
+
+
+def test_full_fine_tuning_changes_every_parameter(tiny_model):
+    model = RewardModel(tiny_model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(p.requires_grad for p in model.parameters())
+    _one_step(model)
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach())]
+    assert not unchanged
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_gradient_accumulation_equals_one_big_batch(tiny_model, use_lora):
+    """batch 1 x GA 4 and batch 4 x GA 1 through accelerator.accumulate / backward give the same gradients."""
+    if use_lora:
+        tiny_model = apply_lora(tiny_model, rank=4, alpha=8, dropout=0.0, target_modules="all")
+    batch = _batch(4)
+    grads = []
+    for micro_batches, ga in ((1, 4), (4, 1)):
+        AcceleratorState._reset_state(True)
+        accelerator = Accelerator(gradient_accumulation_steps=ga, cpu=True)
+        model = accelerator.prepare(RewardModel(copy.deepcopy(tiny_model)))
+        n = batch["margin"].shape[0]
+        for start in range(0, n, micro_batches):
+            rows = list(range(start, start + micro_batches)) + list(range(n + start, n + start + micro_batches))
+            ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
+            width = int(mask.sum(-1).max())
+            with accelerator.accumulate(model):
+                chosen, rejected = split_rewards(model(ids[:, :width], mask[:, :width]))
+                accelerator.backward(pairwise_loss(chosen, rejected))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    AcceleratorState._reset_state(True)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
