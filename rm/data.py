@@ -31,6 +31,7 @@ class Pair:
     chosen: str
     rejected: str
     margin: float = 0.0
+    tools: list | None = None  # tool definitions, handed to the chat template
     source: str = field(default="", compare=False)  # "file:line", for messages
 
 
@@ -71,6 +72,21 @@ def _margin(record: dict, where: str) -> float:
     return float(value)
 
 
+def _tools(record: dict, where: str) -> list | None:
+    """Optional `tools`: a list of tool definitions, or that list as a JSON string (MedicalGPT writes both)."""
+    value = record.get("tools")
+    if value in (None, "", []):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(where, "field 'tools' is a string but not valid JSON") from None
+    if not isinstance(value, list):
+        raise DataError(where, f"field 'tools' must be a list of tool definitions, got {type(value).__name__}")
+    return value
+
+
 def _reply(messages: list[dict[str, str]], key: str, where: str) -> str:
     if messages[-1]["role"] != "assistant":
         raise DataError(where, f"field {key!r} must end with an assistant message")
@@ -83,7 +99,8 @@ def _medicalgpt(record: dict, where: str) -> Pair:
     prompt = _sharegpt_turns(record.get("conversations"), "conversations", where)
     if "system" in record and record["system"]:
         prompt.insert(0, {"role": "system", "content": _text(record, "system", where)})
-    return Pair(prompt, _text(record, "chosen", where), _text(record, "rejected", where), _margin(record, where))
+    return Pair(prompt, _text(record, "chosen", where), _text(record, "rejected", where), _margin(record, where),
+                _tools(record, where))
 
 
 def _llamafactory(record: dict, where: str) -> Pair:

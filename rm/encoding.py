@@ -39,14 +39,16 @@ class PairEncoder:
         self.max_target_length = max_target_length
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
 
-    def render(self, prompt: list[dict[str, str]], response: str) -> tuple[str, str, str]:
+    def render(self, prompt: list[dict[str, str]], response: str, tools: list | None = None) -> tuple[str, str, str]:
         """(prompt text, response text, end-of-turn text) whose concatenation is the full conversation."""
         if not self.has_template:
             prompt_text = "\n\n".join(m["content"] for m in prompt) + "\n\n"
             return prompt_text, response, self.tokenizer.eos_token or ""
-        render = self.tokenizer.apply_chat_template
-        prompt_text = render(prompt, tokenize=False, add_generation_prompt=True)
-        full = render(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        def render(messages: list[dict[str, str]], **kwargs: Any) -> str:
+            return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
+
+        prompt_text = render(prompt, add_generation_prompt=True)
+        full = render(prompt + [{"role": "assistant", "content": response}])
         split = len(prompt_text) if full.startswith(prompt_text) else _common_prefix_length(prompt_text, full)
         reply = full[split:]
         end = reply.rfind(response)
@@ -61,8 +63,8 @@ class PairEncoder:
     def encode(self, pair: Pair) -> tuple[dict[str, Any] | None, Counter]:
         """Token ids of one pair, or None when it is dropped; the counter says what was cut or dropped."""
         stats: Counter = Counter()
-        prompt_text, chosen_text, end_text = self.render(pair.prompt, pair.chosen)
-        _, rejected_text, rejected_end = self.render(pair.prompt, pair.rejected)
+        prompt_text, chosen_text, end_text = self.render(pair.prompt, pair.chosen, pair.tools)
+        _, rejected_text, rejected_end = self.render(pair.prompt, pair.rejected, pair.tools)
         prompt_ids = self._ids(prompt_text, special=True)
         if len(prompt_ids) > self.max_source_length:
             prompt_ids = prompt_ids[-self.max_source_length:]
@@ -88,7 +90,7 @@ def _fingerprint(pairs: list[Pair], encoder: PairEncoder) -> str:
               encoder.max_source_length, encoder.max_target_length]
     digest.update(json.dumps(header).encode())
     for p in pairs:
-        digest.update(json.dumps([p.prompt, p.chosen, p.rejected, p.margin], ensure_ascii=False).encode())
+        digest.update(json.dumps([p.prompt, p.chosen, p.rejected, p.margin, p.tools], ensure_ascii=False).encode())
     return digest.hexdigest()[:16]
 
 

@@ -57,6 +57,15 @@ def test_medicalgpt_system_prompt_goes_first(tmp_path):
     assert pair.prompt == [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"}]
 
 
+def test_medicalgpt_tools_as_json_string(tmp_path):
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    f = write_jsonl(tmp_path / "m.jsonl", [{**GOOD, "tools": json.dumps(tools)}, {**GOOD, "tools": "{oops"}])
+    with pytest.raises(DataError, match=r"m.jsonl:2: field 'tools' is a string but not valid JSON"):
+        read_file(f)
+    f = write_jsonl(tmp_path / "ok.jsonl", [{**GOOD, "tools": json.dumps(tools)}])
+    assert read_file(f)[1][0].tools == tools
+
+
 def test_directory_reads_every_file_with_its_own_layout(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     write_jsonl(tmp_path / "b.jsonl", [{"question": "q", "response_chosen": "a", "response_rejected": "b"}])
