@@ -7,6 +7,7 @@ comparing token ids with the pad id (which reads the wrong token when pad == eos
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,25 @@ def load_backbone(name_or_path: str, tokenizer: Any, dtype: torch.dtype, cache_d
     if name_or_path == TINY:
         model = AutoModelForSequenceClassification.from_config(tiny_config(tokenizer), dtype=dtype)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=1, dtype=dtype, cache_dir=cache_dir)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, dtype=dtype, cache_dir=cache_dir, output_loading_info=True)
+        if any(key.startswith("score.") for key in info["missing_keys"]):
+            init_score_head(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def init_score_head(model: nn.Module) -> None:
+    """A causal-LM checkpoint has no score head: initialise it explicitly, N(0, initializer_range).
+    Under ZeRO-3 the new head may otherwise stay uninitialised, so gather it and write it from rank 0."""
+    weight = model.score.weight
+    gathered = contextlib.nullcontext()
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
+    with gathered, torch.no_grad():
+        weight.normal_(0.0, getattr(model.config, "initializer_range", 0.02))
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_modules: str,

@@ -54,3 +54,18 @@ def run_train(output_dir, *args, processes: int = 1, port: int | None = None, ac
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     read = lambda name: json.loads((Path(output_dir) / name).read_text())  # noqa: E731
     return proc, read("metrics.json"), read("run_info.json")
+
+
+@pytest.fixture(scope="session")
+def pretrained_causal_lm_dir(tmp_path_factory, tokenizer):
+    """A tiny Qwen3 *causal LM* checkpoint on disk (no score head), as users pass with --model_name_or_path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rm.model import tiny_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("qwen3-tiny-causal-lm")
+    AutoModelForCausalLM.from_config(tiny_config(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

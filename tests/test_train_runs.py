@@ -88,3 +88,15 @@ def test_lr_schedule_steps_once_per_optimizer_step(tmp_path, processes):
     assert len(lrs) == 6
     for step, lr in enumerate(lrs, start=1):
         assert math.isclose(lr, expected_linear_lr(step, 6, 3, 1e-3), abs_tol=1e-12), (step, lr)
+
+
+def test_from_a_causal_lm_checkpoint_the_new_head_is_initialised(tmp_path, pretrained_causal_lm_dir):
+    from rm.model import load_backbone
+
+    tokenizer = load_tokenizer(str(pretrained_causal_lm_dir))
+    model = load_backbone(str(pretrained_causal_lm_dir), tokenizer, torch.float32)
+    assert torch.isfinite(model.score.weight).all() and model.score.weight.std() > 0.01
+    out = tmp_path / "from_path"
+    _, metrics, _ = run_train(out, *QUICK, "--model_name_or_path", pretrained_causal_lm_dir, "--max_steps", 20)
+    assert metrics["final"]["eval/accuracy"] > 0.7
+    assert_export_matches_trainer(out, metrics["final"])
