@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from rm.batching import build_train_loader, enable_varlen_attention, is_placeholder, model_inputs, varlen_available
 from rm.config import ConfigError, TrainConfig, parse_config
 from rm.data import DataError
 from rm.encoding import PairCollator, PairEncoder, build_dataset
@@ -60,6 +61,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     # ---- model: built after the Accelerator so ZeRO-3 can partition it as it loads
     backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft), cfg.cache_dir)
+    if cfg.packing and varlen_available(accelerator.device) and accelerator.mixed_precision == "bf16":
+        enable_varlen_attention(backbone)  # packed rows through the flash varlen kernel (rm/batching.py)
     if cfg.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     if cfg.use_peft:
@@ -75,9 +78,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     optimizer = build_optimizer(model.parameters(), cfg)
     collator = PairCollator(tokenizer.pad_token_id)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True,
-                              collate_fn=collator, generator=generator)
+    train_loader = build_train_loader(train_set, collator, cfg.per_device_train_batch_size,
+                                      cfg.gradient_accumulation_steps, cfg.seed, cfg.packing,
+                                      cfg.max_tokens_per_micro_batch, accelerator.num_processes,
+                                      accelerator.device.type == "cuda")
     eval_loader = (DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collator)
                    if eval_set is not None else None)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
@@ -111,8 +115,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             train_loader.set_epoch(epoch)
         for batch in train_loader:
             with accelerator.accumulate(model):
-                chosen, rejected = split_rewards(model(batch["input_ids"], batch["attention_mask"]))
-                loss = pairwise_loss(chosen, rejected, batch["margin"], cfg.center_rewards_coefficient)
+                if is_placeholder(batch):  # packing: this plain micro-batch rides in a later packed one
+                    continue
+                chosen, rejected = split_rewards(model(**model_inputs(batch)))
+                loss = pairwise_loss(chosen, rejected, batch["margin"], cfg.center_rewards_coefficient,
+                                     batch.get("pair_weight"))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -121,13 +128,17 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             for key, value in pair_statistics(chosen, rejected).items():
                 sums[key] += value
             sums["loss"] += loss.detach().float()
-            sums["micro"] += 1
-            sums["tokens"] += batch["attention_mask"].sum()
+            sums["micro"] += batch.get("micro_batches", 1)
+            sums["tokens"] += batch["num_tokens"]
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             global_step += 1
             progress.update(1)
+            if global_step == 1:  # launch-to-first-step time, read by rm.bench
+                if accelerator.device.type == "cuda":
+                    torch.cuda.synchronize()
+                run_info["first_step_unix_time"] = time.time()
 
             if global_step % cfg.logging_steps == 0 or global_step == total_steps:
                 totals = {k: accelerator.reduce(v.clone(), reduction="sum").item() for k, v in sums.items()}

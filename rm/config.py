@@ -48,6 +48,11 @@ class TrainConfig:
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Pairs per micro-batch per process."})
     per_device_eval_batch_size: int = 1
     gradient_accumulation_steps: int = 8
+    packing: bool = field(default=True, metadata={
+        "help": "Fast path: pack each optimizer step's pairs pad-free into few micro-batches (same gradient as "
+                "one micro-batch per per_device_train_batch_size pairs); false = the plain path."})
+    max_tokens_per_micro_batch: int = field(default=16384, metadata={
+        "help": "Token budget of one packed micro-batch (a plain micro-batch is never split)."})
     num_train_epochs: float = 1.0
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
     learning_rate: float = 2e-5
@@ -129,6 +134,7 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> None:
     positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "max_tokens_per_micro_batch",
                 "max_source_length", "max_target_length", "logging_steps", "eval_steps", "save_steps"]
     for name in positive:
         if getattr(cfg, name) <= 0:

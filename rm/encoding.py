@@ -141,7 +141,8 @@ class PairCollator:
             input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, : len(row)] = 1
         margin = torch.tensor([float(f.get("margin", 0.0)) for f in features], dtype=torch.float32)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin,
+                "num_tokens": attention_mask.sum()}
 
 
 def build_dataset(location: str, encoder: PairEncoder, max_samples: int | None, name: str,

@@ -13,16 +13,17 @@ def split_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                  center_rewards_coefficient: float = 0.0) -> torch.Tensor:
-    """mean(-log sigmoid(r_chosen - r_rejected - margin)) + coef * mean((r_chosen + r_rejected)^2)."""
+                  center_rewards_coefficient: float = 0.0, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """mean(-log sigmoid(r_chosen - r_rejected - margin)) + coef * mean((r_chosen + r_rejected)^2).
+    With per-pair `weights` the means become weighted sums (packed micro-batches, rm/batching.py)."""
     chosen, rejected = chosen.float(), rejected.float()
     diff = chosen - rejected
     if margin is not None:
         diff = diff - margin.float()
-    loss = -F.logsigmoid(diff).mean()
+    per_pair = -F.logsigmoid(diff)
     if center_rewards_coefficient:
-        loss = loss + center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
-    return loss
+        per_pair = per_pair + center_rewards_coefficient * (chosen + rejected) ** 2
+    return per_pair.mean() if weights is None else (per_pair * weights.float()).sum()
 
 
 def pair_statistics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:

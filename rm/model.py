@@ -99,11 +99,20 @@ class RewardModel(nn.Module):
         """The sequence-classification model itself (with LoRA layers injected when PEFT is used)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
+                max_length: int | None = None) -> torch.Tensor:
+        """Padded rows (input_ids + attention_mask), or one packed row of sequences (input_ids + position_ids
+        restarting per sequence + cu_seq_lens boundaries, see rm/batching.py): one reward per sequence."""
         seq_cls = self.hf_model
         backbone = getattr(seq_cls, seq_cls.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last_hidden = hidden[rows, last_token_index(attention_mask)]
+        if cu_seq_lens is None:
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            last_hidden = hidden[rows, last_token_index(attention_mask)]
+        else:
+            hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                              packed_cu_seq_lens=cu_seq_lens, packed_max_length=max_length).last_hidden_state
+            last_hidden = hidden.flatten(0, 1)[cu_seq_lens[1:].long() - 1]
         return seq_cls.score(last_hidden).squeeze(-1).float()

@@ -44,6 +44,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
                               "--gradient_accumulation_steps owns that value")
         if ds_config.get("gradient_clipping", "auto") == "auto":
             ds_config["gradient_clipping"] = cfg.max_grad_norm
+        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # the packed loader has no batch_size
+            ds_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
     return accelerator
 
 

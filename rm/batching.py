@@ -1,0 +1,230 @@
+"""The fast path: the pairs of one optimizer step, packed pad-free into few large micro-batches.
+
+Optimizer-step semantics stay those of the plain path (`per_device_train_batch_size` pairs per micro-batch,
+`gradient_accumulation_steps` micro-batches per step, loss = mean over each micro-batch's pairs, summed over the
+step's micro-batches and divided by GA by accelerate / DeepSpeed):
+
+- The plain micro-batches ("units") each process would get are rebuilt exactly: the same shuffled order (the same
+  seeded RandomSampler, whose generator accelerate synchronises across processes) cut and sharded as accelerate's
+  own BatchSamplerShard would (even_batches included).
+- The GA units of one optimizer step on one process are packed into K micro-batches (first-fit decreasing under
+  `max_tokens_per_micro_batch` real tokens; K is the same on every process, as ZeRO-2/3 need matching collectives).
+  Each pair carries the weight 1/len(its unit), so a micro-batch's loss is the sum of its units' mean losses and
+  the step's gradient equals the plain path's.
+- The loader still yields one item per unit: the first GA-K items of a step are placeholders (no forward) that only
+  advance `accelerator.accumulate`'s counter, so accelerate's GA bookkeeping, DeepSpeed's accumulation boundary,
+  `len(train_loader)` and resume arithmetic (micro-batches = steps x GA) are unchanged.
+- A packed micro-batch is one row of concatenated sequences with position ids restarting per sequence. On CUDA in
+  bf16/fp16 its attention runs through torch's flash varlen kernel (`varlen_attention`, no compile); elsewhere
+  transformers' SDPA builds a block-diagonal causal mask from the restarting position ids.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens", "max_length")
+VARLEN_ATTENTION = "rm_varlen"
+
+Unit = list[int]  # dataset indices of one plain micro-batch
+
+
+def plain_units_per_process(order: Sequence[int], batch_size: int, num_processes: int) -> list[list[Unit]]:
+    """The plain micro-batches each process gets from accelerate for this sample order (even_batches=True)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    units = BatchSampler(list(order), batch_size, drop_last=False)
+    if num_processes == 1:
+        return [list(units)]
+    return [list(BatchSamplerShard(units, num_processes, rank, split_batches=False, even_batches=True))
+            for rank in range(num_processes)]
+
+
+def pack_units(units: list[Unit], unit_tokens: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: unit positions grouped into bins of at most max_tokens (a unit alone may exceed it)."""
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for position in sorted(range(len(units)), key=lambda p: -unit_tokens[p]):
+        tokens = unit_tokens[position]
+        target = next((b for b, load in enumerate(loads) if load + tokens <= max_tokens), None)
+        if target is None:
+            bins.append([position])
+            loads.append(tokens)
+        else:
+            bins[target].append(position)
+            loads[target] += tokens
+    return bins
+
+
+def split_to_count(bins: list[list[int]], count: int) -> list[list[int]]:
+    """Split bins until there are `count` of them: the last-packed (smallest) unit of the fullest bin moves out."""
+    bins = [list(b) for b in bins]
+    while len(bins) < count:
+        fullest = max((b for b in bins if len(b) > 1), key=len)
+        bins.append([fullest.pop()])
+    return bins
+
+
+class PackedStepSampler(Sampler[list]):
+    """Yields, for every process in turn (accelerate's BatchSamplerShard deals them out round-robin), one item per
+    plain micro-batch: `[]` (a placeholder) or a packed micro-batch as a list of (dataset index, unit size)."""
+
+    def __init__(self, pair_tokens: Sequence[int], batch_size: int, gradient_accumulation_steps: int,
+                 max_tokens: int, num_processes: int, generator: torch.Generator) -> None:
+        self.pair_tokens = list(pair_tokens)
+        self.unit_size = batch_size
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.max_tokens = max_tokens
+        self.num_processes = num_processes
+        self.sampler = RandomSampler(range(len(self.pair_tokens)), generator=generator)  # found and synced by accelerate
+        self.batch_size = None  # items have varying sizes: tells BatchSamplerShard not to compare lengths
+        self.drop_last = True  # every epoch is whole rounds of num_processes items: nothing to pad
+
+    def units_per_process(self) -> int:
+        units = math.ceil(len(self.pair_tokens) / self.unit_size)
+        return math.ceil(units / self.num_processes)
+
+    def __len__(self) -> int:
+        return self.units_per_process() * self.num_processes
+
+    def __iter__(self) -> Iterator[list]:
+        per_process = plain_units_per_process(list(self.sampler), self.unit_size, self.num_processes)
+        ga = self.gradient_accumulation_steps
+        for start in range(0, len(per_process[0]), ga):
+            steps = [units[start:start + ga] for units in per_process]
+            tokens = [[sum(self.pair_tokens[i] for i in unit) for unit in units] for units in steps]
+            bins = [pack_units(units, t, self.max_tokens) for units, t in zip(steps, tokens)]
+            count = max(len(b) for b in bins)  # the same number of forwards on every process
+            items = []
+            for units, process_bins in zip(steps, bins):
+                packed = [[(i, len(units[p])) for p in b for i in units[p]] for b in split_to_count(process_bins, count)]
+                items.append([[]] * (len(units) - count) + packed)
+            for position in range(len(steps[0])):
+                for process_items in items:
+                    yield process_items[position]
+
+
+class KeyedPairs(Dataset):
+    """Looks up (index, unit size) keys: the pair's token ids plus its loss weight 1 / unit size."""
+
+    def __init__(self, pairs: Any) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, unit_size = key
+        return {**self.pairs[index], "weight": 1.0 / unit_size}
+
+
+class PackedPairCollator:
+    """One row: every chosen sequence, then every rejected one, concatenated without padding; position ids
+    restart at each sequence; cu_seq_lens holds the sequence boundaries (int32, as varlen kernels want)."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not features:
+            return {}  # placeholder: counts toward gradient accumulation, runs nothing
+        rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        lengths = torch.tensor([len(r) for r in rows])
+        cu_seq_lens = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        cu_seq_lens[1:] = lengths.cumsum(0)
+        starts = torch.repeat_interleave(cu_seq_lens[:-1].long(), lengths)
+        total = int(cu_seq_lens[-1])
+        weights = [float(f["weight"]) for f in features]
+        return {
+            "input_ids": torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)[None],
+            "position_ids": (torch.arange(total) - starts)[None],
+            "cu_seq_lens": cu_seq_lens,
+            "max_length": int(lengths.max()),
+            "margin": torch.tensor([float(f.get("margin", 0.0)) for f in features], dtype=torch.float32),
+            "pair_weight": torch.tensor(weights, dtype=torch.float32),
+            "num_tokens": torch.tensor(total),
+            "micro_batches": round(sum(weights)),  # plain micro-batches this one stands for (logged loss average)
+        }
+
+
+def is_placeholder(batch: dict[str, Any]) -> bool:
+    return "input_ids" not in batch
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a (padded or packed) batch that RewardModel.forward takes."""
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+
+
+def pair_token_counts(train_set: Any) -> list[int]:
+    return [len(c) + len(r) for c, r in zip(train_set["chosen_input_ids"], train_set["rejected_input_ids"])]
+
+
+def build_train_loader(train_set: Any, collator: Any, batch_size: int, gradient_accumulation_steps: int,
+                       seed: int, packing: bool, max_tokens: int, num_processes: int,
+                       on_cuda: bool) -> DataLoader:
+    """The plain loader (one micro-batch of padded rows per `batch_size` pairs) or the packed one; both shuffled
+    by the same seeded generator. On CUDA, two workers collate ahead into pinned memory."""
+    generator = torch.Generator().manual_seed(seed)
+    loading = {"num_workers": 2, "pin_memory": True, "persistent_workers": True} if on_cuda else {}
+    if not packing:
+        return DataLoader(train_set, batch_size=batch_size, shuffle=True, collate_fn=collator, generator=generator,
+                          **loading)
+    sampler = PackedStepSampler(pair_token_counts(train_set), batch_size, gradient_accumulation_steps, max_tokens,
+                                num_processes, generator)
+    return DataLoader(KeyedPairs(train_set), batch_sampler=sampler, collate_fn=PackedPairCollator(), generator=generator,
+                      **loading)  # the loader draws its worker seed from the generator too, as the plain one does
+
+
+# ---- attention for packed rows on CUDA: torch's flash varlen kernel (torch >= 2.10), no compile step
+
+def varlen_available(device: torch.device) -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda"
+
+
+def _varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function: packed rows (cu_seq_lens given) through flash varlen, else SDPA."""
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu_seq_lens = kwargs.get("packed_cu_seq_lens")
+    if cu_seq_lens is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    # (1, heads, tokens, dim) -> (tokens, heads, dim)
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    params = inspect.signature(varlen_attn).parameters
+    options: dict[str, Any] = {"scale": kwargs.get("scaling")}
+    options.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            options["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    max_length = kwargs["packed_max_length"]
+    out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **options)
+    return out[None], None  # (1, tokens, heads, dim), as transformers' attention functions return
+
+
+def _varlen_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """Packed rows need no mask (boundaries come from cu_seq_lens); padded rows get SDPA's."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
+
+
+def enable_varlen_attention(model: torch.nn.Module) -> None:
+    """Route the model's attention through `_varlen_attention` (packed rows) / SDPA (padded rows)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
+    model.set_attn_implementation(VARLEN_ATTENTION)
