@@ -8,37 +8,19 @@ a fresh CPU copy of the model, so the export never touches the distributed model
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-from typing import Any, Iterator
+from typing import Any
 
 from accelerate import Accelerator
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
-from rm.model import RewardModel
+from rm.model import RewardModel, no_zero3_init
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
-
-
-@contextlib.contextmanager
-def _no_zero3_init(accelerator: Accelerator) -> Iterator[None]:
-    """Under ZeRO-3, a model built on the host alone must not be partitioned (that would wait for the other
-    ranks forever). transformers decides from its global DeepSpeed config, so lift that while building."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        yield
-        return
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()
 
 
 def export_reward_model(accelerator: Accelerator, model: nn.Module, tokenizer: Any, output_dir: str,
@@ -53,7 +35,7 @@ def export_reward_model(accelerator: Accelerator, model: nn.Module, tokenizer: A
         config = copy.deepcopy(wrapper.hf_model.config)
         for key, value in (extra_config or {}).items():
             setattr(config, key, value)
-        with _no_zero3_init(accelerator):
+        with no_zero3_init(accelerator):
             host_model = AutoModelForSequenceClassification.from_config(config, dtype=next(iter(state.values())).dtype)
             peft_config = getattr(wrapper.model, "peft_config", None)
             if peft_config:

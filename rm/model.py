@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -38,10 +38,31 @@ def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> Any:
     return tokenizer
 
 
-def load_backbone(name_or_path: str, tokenizer: Any, dtype: torch.dtype, cache_dir: str | None = None) -> nn.Module:
-    """AutoModelForSequenceClassification with one output; build under the Accelerator so ZeRO-3 can shard it."""
+@contextlib.contextmanager
+def no_zero3_init(accelerator: Any) -> Iterator[None]:
+    """Build a model whole on this process even under ZeRO-3. transformers partitions at construction whenever its
+    global DeepSpeed config says ZeRO-3, so lift that config while building and restore it after."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def load_backbone(name_or_path: str, tokenizer: Any, dtype: torch.dtype, cache_dir: str | None = None,
+                  accelerator: Any = None) -> nn.Module:
+    """AutoModelForSequenceClassification with one output; build after the Accelerator so ZeRO-3 can shard it.
+    The random `tiny` preset is built whole (DeepSpeed partitions it at prepare), so that its initial weights are
+    the same under every ZeRO stage: zero.Init draws different random numbers."""
     if name_or_path == TINY:
-        model = AutoModelForSequenceClassification.from_config(tiny_config(tokenizer), dtype=dtype)
+        with no_zero3_init(accelerator):
+            model = AutoModelForSequenceClassification.from_config(tiny_config(tokenizer), dtype=dtype)
     else:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             name_or_path, num_labels=1, dtype=dtype, cache_dir=cache_dir, output_loading_info=True)

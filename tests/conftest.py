@@ -1,5 +1,6 @@
 """Shared fixtures: the shipped tiny tokenizer, tiny random Qwen3 models (hidden 64, 2 layers), offline."""
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -42,8 +43,9 @@ def run_train(output_dir, *args, processes: int = 1, port: int | None = None, ac
     launcher = [sys.executable, "train.py"]
     if accelerate_config or processes > 1:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port)]
-        if accelerate_config:
-            launcher += ["--config_file", accelerate_config, "--num_processes", str(processes)]
+        if accelerate_config:  # fp32 on CPU: the yamls ask for bf16 where the hardware has it
+            launcher += ["--config_file", str(accelerate_config), "--num_processes", str(processes),
+                         "--mixed_precision", "no"]
         else:  # plain DDP on CPU over gloo (ACCELERATE_USE_CPU must never be set for DeepSpeed runs)
             env["ACCELERATE_USE_CPU"] = "true"
             launcher += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
@@ -69,3 +71,36 @@ def pretrained_causal_lm_dir(tmp_path_factory, tokenizer):
     AutoModelForCausalLM.from_config(tiny_config(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def eval_rewards_of_export(model_dir, pairs: int, eval_file=ROOT / "data/sample/eval.jsonl"):
+    """Rewards of the first eval pairs from the exported model, read two ways: HF's own pooling and ours."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rm.data import load_pairs
+    from rm.encoding import PairCollator, PairEncoder, encode_pairs
+    from rm.model import RewardModel, load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    encoded = encode_pairs(load_pairs(str(eval_file), log=lambda m: None)[:pairs], PairEncoder(tokenizer, 1024, 256),
+                           show_progress=False, log=lambda m: None)
+    batch = PairCollator(tokenizer.pad_token_id)(list(encoded))
+    with torch.no_grad():
+        hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+        ours = RewardModel(model)(batch["input_ids"], batch["attention_mask"])
+    return hf, ours
+
+
+def assert_export_matches_trainer(output_dir, final, tolerance: float = 1e-4):
+    """The exported model, loaded without this package, gives the rewards the trainer measured at the end."""
+    import torch
+
+    from rm.loss import reward_metrics, split_rewards
+
+    hf, ours = eval_rewards_of_export(Path(output_dir) / "model", int(final["eval/pairs"]))
+    torch.testing.assert_close(hf, ours, atol=1e-5, rtol=1e-5)
+    reloaded = reward_metrics(*split_rewards(hf))
+    for key in ("accuracy", "reward_chosen", "reward_rejected", "reward_std"):
+        assert math.isclose(reloaded[key], final[f"eval/{key}"], rel_tol=tolerance, abs_tol=tolerance / 10), key

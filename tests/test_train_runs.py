@@ -4,36 +4,11 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
 
-from conftest import ROOT, run_train
-from rm.data import load_pairs
-from rm.encoding import PairCollator, PairEncoder, encode_pairs
-from rm.loss import reward_metrics, split_rewards
-from rm.model import RewardModel, load_tokenizer
+from conftest import ROOT, assert_export_matches_trainer, run_train
+from rm.model import load_tokenizer
 
 QUICK = ["--config", "examples/quickstart.yaml"]
-
-
-def eval_rewards_of_export(model_dir, eval_file=ROOT / "data/sample/eval.jsonl"):
-    """Rewards of every eval pair from the exported model, read two ways: HF's own pooling and ours."""
-    tokenizer = load_tokenizer(str(model_dir))
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    encoded = encode_pairs(load_pairs(str(eval_file), log=lambda m: None), PairEncoder(tokenizer, 1024, 256),
-                           show_progress=False, log=lambda m: None)
-    batch = PairCollator(tokenizer.pad_token_id)(list(encoded))
-    with torch.no_grad():
-        hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
-        ours = RewardModel(model)(batch["input_ids"], batch["attention_mask"])
-    return hf, ours
-
-
-def assert_export_matches_trainer(output_dir, final):
-    hf, ours = eval_rewards_of_export(output_dir / "model")
-    torch.testing.assert_close(hf, ours, atol=1e-5, rtol=1e-5)
-    reloaded = reward_metrics(*split_rewards(hf))
-    for key in ("accuracy", "reward_chosen", "reward_rejected", "reward_std"):
-        assert math.isclose(reloaded[key], final[f"eval/{key}"], rel_tol=1e-4, abs_tol=1e-5), key
 
 
 def test_quickstart_learns_and_exports(tmp_path):
