@@ -42,6 +42,8 @@ def test_yaml_rules(path):
     if ds_json is not None:
         assert ds_json.get("gradient_accumulation_steps", "auto") == "auto"
         assert "mixed_precision" not in config, "deepspeed_config_file together with mixed_precision raises"
+        # so the json names the precision itself: "auto" would be filled from the launcher's default, fp32
+        assert ds_json["bf16"]["enabled"] is True
     assert config["num_processes"] % config["num_machines"] == 0
     if config["distributed_type"] != "DEEPSPEED":
         return

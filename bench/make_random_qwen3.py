@@ -1,0 +1,46 @@
+"""Write a randomly initialised Qwen3-0.6B-shaped reward model (+ the repo's tiny tokenizer) to a folder.
+
+    python bench/make_random_qwen3.py /tmp/qwen3-0.6b-random
+
+The shape is Qwen3-0.6B's (28 layers, hidden 1024, intermediate 3072, 16 query / 8 key-value heads of dim 128,
+vocab 151936); the weights are random because none can be downloaded on the benchmark machines, and the tokenizer
+is rm/assets/tiny_tokenizer because Qwen's is not available offline (it splits Chinese text into more tokens than
+Qwen's would, which changes sequence lengths, not the cost per token). The score head is saved too, so every run
+starts from the same weights whatever the ZeRO stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rm.model import TINY, load_tokenizer  # noqa: E402
+
+QWEN3_0_6B_SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def main(out_dir: str, num_hidden_layers: int) -> None:
+    tokenizer = load_tokenizer(TINY)
+    shape = {**QWEN3_0_6B_SHAPE, "num_hidden_layers": num_hidden_layers}
+    config = AutoConfig.for_model("qwen3", **shape, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    print(f"{out_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--num_hidden_layers", type=int, default=28, help="fewer for a quick local check")
+    args = parser.parse_args()
+    main(args.out_dir, args.num_hidden_layers)
