@@ -36,7 +36,7 @@ for value in "$NUM_NODES" "$GPUS_PER_NODE" "$MASTER_PORT"; do
         exit 1
     fi
 done
-if (( NODE_RANK < 0 || NODE_RANK >= NUM_NODES )); then
+if [[ ! "$NODE_RANK" =~ ^[0-9]+$ ]] || (( NODE_RANK >= NUM_NODES )); then
     echo "error: NODE_RANK=$NODE_RANK is outside 0..$((NUM_NODES - 1)) for $NUM_NODES node(s)" >&2
     exit 1
 fi

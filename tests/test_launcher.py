@@ -53,9 +53,10 @@ def test_rejects_a_stage_other_than_1_2_3(stage):
     assert "zero_stage must be 1, 2 or 3" in proc.stderr and proc.stdout == ""
 
 
-def test_rejects_a_node_rank_outside_the_nodes():
-    proc = launch("3", "2", "4", "10.0.0.1", "29500", RM_DRY_RUN="1", NODE_RANK="2")
-    assert proc.returncode == 1 and "NODE_RANK=2" in proc.stderr
+@pytest.mark.parametrize("node_rank", ["2", "-1", "one"])
+def test_rejects_a_node_rank_outside_the_nodes(node_rank):
+    proc = launch("3", "2", "4", "10.0.0.1", "29500", RM_DRY_RUN="1", NODE_RANK=node_rank)
+    assert proc.returncode == 1 and f"NODE_RANK={node_rank} is outside 0..1" in proc.stderr
 
 
 def test_errors_when_the_config_it_needs_is_missing(tmp_path):
