@@ -60,7 +60,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                                      show_progress=not quiet, log=log)
 
     # ---- model: built after the Accelerator so ZeRO-3 can partition it as it loads
-    backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft), cfg.cache_dir)
+    backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft), cfg.cache_dir,
+                             accelerator)
     if cfg.packing and varlen_available(accelerator.device) and accelerator.mixed_precision == "bf16":
         enable_varlen_attention(backbone)  # packed rows through the flash varlen kernel (rm/batching.py)
     if cfg.gradient_checkpointing:
