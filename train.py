@@ -21,21 +21,25 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rm.batching import build_train_loader, enable_varlen_attention, is_placeholder, model_inputs, varlen_available
+from rm.checkpoint import Position, load_checkpoint, prepare_output_dir, save_checkpoint
 from rm.config import ConfigError, TrainConfig, parse_config
 from rm.data import DataError
-from rm.encoding import PairCollator, PairEncoder, build_dataset
+from rm.encoding import PairCollator, PairEncoder, encode_pairs
 from rm.evaluate import evaluate
 from rm.export import export_reward_model, write_json
 from rm.loss import pair_statistics, pairwise_loss, split_rewards
 from rm.model import RewardModel, apply_lora, load_backbone, load_tokenizer
-from rm.runtime import (build_optimizer, build_scheduler, check_output_dir, make_accelerator, model_dtype,
-                        optimizer_steps, peak_memory_gb, zero_stage)
+from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
+from rm.runtime import (build_optimizer, build_scheduler, make_accelerator, model_dtype, optimizer_steps,
+                        peak_memory_gb, zero_stage)
+from rm.validate import check_accelerator_settings, check_enough_pairs, check_launch_environment, load_training_data
 
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")  # torch deprecation inside DeepSpeed
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
-    check_output_dir(cfg)
+    resume_from = prepare_output_dir(cfg)  # nothing is written before this: a fresh output_dir or this run's own
+    check_launch_environment()
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
 
@@ -46,18 +50,19 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     stage = zero_stage(accelerator)
     log(f"run: {accelerator.distributed_type.value}, ZeRO stage {stage}, {accelerator.num_processes} processes, "
         f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}")
+    check_accelerator_settings(cfg, uses_deepspeed=stage > 0)
 
     # ---- tokenizer and data: validated and tokenized once, before the model costs any memory
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.cache_dir)
     encoder = PairEncoder(tokenizer, cfg.max_source_length, cfg.max_target_length)
+    train_pairs, eval_pairs = load_training_data(cfg, log)  # every record checked (rm/validate.py)
     with accelerator.main_process_first():
         quiet = not accelerator.is_main_process
-        train_set = build_dataset(cfg.train_file_dir, encoder, cfg.max_train_samples, "train", cfg.cache_dir,
-                                  show_progress=not quiet, log=log)
+        train_set = encode_pairs(train_pairs, encoder, cfg.cache_dir, "train", show_progress=not quiet, log=log)
         eval_set = None
-        if cfg.validation_file_dir:
-            eval_set = build_dataset(cfg.validation_file_dir, encoder, cfg.max_eval_samples, "eval", cfg.cache_dir,
-                                     show_progress=not quiet, log=log)
+        if eval_pairs is not None:
+            eval_set = encode_pairs(eval_pairs, encoder, cfg.cache_dir, "eval", show_progress=not quiet, log=log)
+    check_enough_pairs(len(train_set), cfg, accelerator.num_processes)
 
     # ---- model: built after the Accelerator so ZeRO-3 can partition it as it loads
     backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft), cfg.cache_dir,
@@ -91,6 +96,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                           f"expected {cfg.gradient_accumulation_steps}: remove it from the accelerate yaml")
     total_steps, steps_per_epoch = optimizer_steps(cfg, len(train_loader))
     scheduler = build_scheduler(optimizer, cfg, total_steps)
+    accelerator.register_for_checkpointing(scheduler)  # kept out of prepare, so saved and loaded by name
     epochs = -(-total_steps // steps_per_epoch)
     pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     log(f"data: {len(train_set)} train pairs, {len(eval_set) if eval_set is not None else 0} eval pairs; "
@@ -101,20 +107,36 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
                 "total_steps": total_steps, "train_pairs": len(train_set), "trainable_parameters": trainable}
     hparams = {k: (v if v is not None else "") for k, v in dataclasses.asdict(cfg).items()}
-    accelerator.init_trackers("runs", config=hparams)
+    position = load_checkpoint(accelerator, resume_from) if resume_from else Position()
+    if resume_from:
+        log(f"resumed from {resume_from}: step {position.global_step}, epoch {position.epoch + 1}, "
+            f"{position.micro_batches_in_epoch} micro-batches of it done")
+    tensorboard = {"tensorboard": {"purge_step": position.global_step + 1}} if resume_from else {}
+    accelerator.init_trackers("runs", config=hparams, init_kwargs=tensorboard)  # hides the killed run's later steps
 
     # ---- the loop: one forward over chosen + rejected, one backward, one optimizer step every GA micro-batches
-    global_step, history = 0, []
+    global_step, history = position.global_step, position.history
     sums = {k: torch.zeros((), device=accelerator.device) for k in ("loss", "micro", "pairs", "correct", "margin",
                                                                      "tokens")}
     grad_norm = torch.zeros(())
-    progress = tqdm(total=total_steps, desc="Training", disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=total_steps, initial=global_step, desc="Training",
+                    disable=not accelerator.is_local_main_process)
+    data_generator = train_loader.generator  # shuffles each epoch; its state at the epoch's start is checkpointed
+    guard = StepGuard(accelerator, cfg.skip_nonfinite_steps)  # SIGTERM/SIGINT and non-finite steps
+    guard.install_signal_handlers()
     window_start = time.perf_counter()
     model.train()
-    for epoch in range(epochs):
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        for batch in train_loader:
+    for epoch in range(position.epoch, epochs):
+        epoch_loader, micro_batches = train_loader, 0
+        if epoch == position.epoch and position.epoch_generator_state is not None:  # resuming mid-run
+            data_generator.set_state(position.epoch_generator_state)
+            micro_batches = position.micro_batches_in_epoch  # skip_first_batches counts micro-batches (GA included)
+            epoch_loader = accelerator.skip_first_batches(train_loader, micro_batches) if micro_batches else train_loader
+        epoch_generator_state = data_generator.get_state()
+        if hasattr(epoch_loader, "set_epoch"):
+            epoch_loader.set_epoch(epoch)
+        for batch in epoch_loader:
+            micro_batches += 1
             with accelerator.accumulate(model):
                 if is_placeholder(batch):  # packing: this plain micro-batch rides in a later packed one
                     continue
@@ -122,8 +144,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 loss = pairwise_loss(chosen, rejected, batch["margin"], cfg.center_rewards_coefficient,
                                      batch.get("pair_weight"))
                 accelerator.backward(loss)
+                guard.watch(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    if guard.check_step(grad_norm, global_step + 1):  # non-finite, --skip_nonfinite_steps
+                        optimizer.zero_grad()  # no gradients: the step below changes nothing
+                        log(f"skipped optimizer step {global_step + 1}: non-finite loss or gradient norm")
                 optimizer.step()
                 optimizer.zero_grad()
             for key, value in pair_statistics(chosen, rejected).items():
@@ -169,9 +195,22 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 accelerator.log(eval_metrics, step=global_step)
                 history.append({"step": global_step, **eval_metrics})
                 log(f"eval at step {global_step}: " + " ".join(f"{k[5:]}={v:.4g}" for k, v in eval_metrics.items()))
+            if global_step % cfg.save_steps == 0 or guard.stop_requested:
+                saved = save_checkpoint(accelerator, cfg, Position.after_step(
+                    global_step, epoch, micro_batches, len(train_loader), history, epoch_generator_state,
+                    data_generator))
+                log(f"saved checkpoint {saved}")
+                if guard.stop_requested:
+                    raise TrainingInterrupted(f"stopped by {guard.signal_name or 'a signal to another rank'} after "
+                                              f"optimizer step {global_step}; checkpoint saved in {saved}. Resume "
+                                              f"with: {resume_command()}")
             if global_step >= total_steps:
                 break
     progress.close()
+    guard.restore_signal_handlers()
+    if guard.skipped_steps:
+        log(f"skipped {len(guard.skipped_steps)} optimizer steps with a non-finite loss or gradient norm: "
+            f"{guard.skipped_steps[:10]}")
 
     # ---- final evaluation and export
     final = {"step": global_step}
@@ -200,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 

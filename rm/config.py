@@ -68,7 +68,16 @@ class TrainConfig:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
     logging_steps: int = 10
     eval_steps: int = 50
-    save_steps: int = 500
+    save_steps: int = field(default=500, metadata={
+        "help": "Save the full training state to output_dir/checkpoint-<step> every this many optimizer steps."})
+    save_total_limit: int = field(default=3, metadata={"help": "Keep only the newest this many checkpoints; 0 = all."})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "'latest' (newest complete checkpoint in output_dir) or a checkpoint directory to continue from."})
+    skip_bad_records: bool = field(default=False, metadata={
+        "help": "Drop records that fail validation (and report them) instead of stopping."})
+    skip_nonfinite_steps: bool = field(default=False, metadata={
+        "help": "Skip an optimizer step whose loss or gradient norm is NaN/inf instead of stopping (not under "
+                "DeepSpeed, which steps inside backward)."})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none"})
 
 
@@ -145,6 +154,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.report_to not in {"tensorboard", "wandb", "all", "none"}:
         raise ConfigError(f"report_to must be tensorboard, wandb, all or none, got {cfg.report_to!r}")
+    if cfg.save_total_limit < 0:
+        raise ConfigError(f"save_total_limit must be >= 0 (0 = keep all), got {cfg.save_total_limit}")
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
 
