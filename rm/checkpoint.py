@@ -30,8 +30,8 @@ POSITION_FILE = "trainer_state.json"
 DATA_ORDER_FILE = "data_order.pt"
 CONFIG_FILE = "training_config.json"
 # Settings that may change between a run and its resume: they do not change what is trained.
-RESUMABLE_CHANGES = {"resume_from_checkpoint", "overwrite_output_dir", "cache_dir", "report_to", "logging_steps",
-                     "eval_steps", "save_steps", "save_total_limit"}
+RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "cache_dir", "report_to",
+                     "logging_steps", "eval_steps", "save_steps", "save_total_limit"}  # output_dir: may be moved
 
 
 @dataclass

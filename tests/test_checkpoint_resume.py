@@ -102,3 +102,20 @@ def test_sigterm_on_two_deepspeed_ranks_saves_a_checkpoint_and_resume_reproduces
     _, resumed, _ = run_train(out, *args, "--resume_from_checkpoint", "latest", processes=2, port=29713,
                               accelerate_config=yaml)
     assert_same_curve(resumed, reference)
+
+
+def test_zero3_lora_resume_from_a_copied_checkpoint_reproduces_the_curve(tmp_path):
+    """ZeRO-3 (parameters sharded over 2 ranks) with LoRA: a run's first checkpoint, copied alone into a fresh
+    output_dir (what a kill right after it leaves), resumes to the same curve; a moved output_dir is accepted."""
+    import shutil
+
+    yaml = ROOT / "accelerate_configs/zero3_1node.yaml"
+    args = [*RUN, "--max_steps", 8, "--report_to", "none", "--use_peft", "true", "--learning_rate", 5e-3]
+    _, reference, info = run_train(tmp_path / "reference", *args, processes=2, port=29714, accelerate_config=yaml)
+    assert (info["distributed_type"], info["num_processes"], info["zero_stage"]) == ("DEEPSPEED", 2, 3)
+    out = tmp_path / "moved"
+    out.mkdir()
+    shutil.copytree(tmp_path / "reference" / "checkpoint-3", out / "checkpoint-3")
+    _, resumed, _ = run_train(out, *args, "--resume_from_checkpoint", "latest", processes=2, port=29715,
+                              accelerate_config=yaml)
+    assert_same_curve(resumed, reference)
