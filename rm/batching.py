@@ -198,8 +198,10 @@ def _varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     cu_seq_lens = kwargs.get("packed_cu_seq_lens")
     if cu_seq_lens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    # (1, heads, tokens, dim) -> (tokens, heads, dim)
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    # (1, heads, tokens, dim) -> (tokens, heads, dim), in the autocast dtype as SDPA would run (with fp32 weights
+    # Qwen3's q/k norms return fp32 even under autocast)
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else value.dtype
+    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
     params = inspect.signature(varlen_attn).parameters
     options: dict[str, Any] = {"scale": kwargs.get("scaling")}
     options.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
