@@ -158,7 +158,7 @@ def run_config(name: str, packing: bool, model_dir: Path, data: str, args: argpa
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     (out / f"{output_dir.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout)[-600:]}
+        return {"error": (proc.stderr or proc.stdout)[-3000:]}
     metrics = json.loads((output_dir / "metrics.json").read_text())
     info = json.loads((output_dir / "run_info.json").read_text())
     windows = [h for h in metrics["history"] if "train/tokens_per_s" in h][1:] or metrics["history"][-1:]
@@ -226,7 +226,9 @@ HEADER = f"{'configuration':<16}{'path':<8}{'tokens/s':>11}{'pairs/s':>9}{'MFU':
 
 def table_row(r: dict[str, Any], results: list[dict[str, Any]]) -> str:
     if "error" in r:
-        return f"{r['config']:<16}{r['path']:<8} failed: {r['error'].strip().splitlines()[-1] if r['error'] else ''}"
+        lines = r["error"].strip().splitlines() or [""]
+        reason = next((line for line in reversed(lines) if "Error" in line), lines[-1])
+        return f"{r['config']:<16}{r['path']:<8} failed: {reason[:120]} (log in --work_dir)"
     plain = next((p.get("tokens_per_s") for p in results if p["config"] == r["config"] and p["path"] == "plain"),
                  None)
     ratio = r["tokens_per_s"] / plain if plain else float("nan")
