@@ -1,0 +1,129 @@
+"""rm.plan: parameter counts against real models, the memory formulas on hand-computed cases, recommendations."""
+
+import json
+
+import pytest
+import torch
+
+from rm.config import TrainConfig
+from rm.plan import (PRESETS, PlanError, Setup, Shape, Workload, activation_bytes, estimate, load_shape, main,
+                     model_state_bytes, recommend, tokens_per_micro_batch)
+
+# h 8, 2 layers, MLP 16, 2 query heads / 1 kv head of dim 4, vocab 10: per layer 576 linear weights + 16 norm
+# weights = 592; model = 80 embedding + 2 x 592 + 8 final norm + 8 score head = 1280 parameters.
+HAND = Shape(hidden_size=8, num_hidden_layers=2, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
+             head_dim=4, vocab_size=10)
+P = 1280
+
+
+def test_parameter_count_by_hand():
+    assert HAND.layer_parameters() == 592
+    assert HAND.parameters() == P
+    # LoRA r2: 2 x (in + out) summed over q, k, v, o, gate, up, down = 2 x 128 per layer, + the 8-weight score head
+    assert HAND.lora_parameters(2) == 2 * 2 * 128 + 8
+
+
+@pytest.mark.parametrize("extra", [{}, {"model_type": "llama", "attention_bias": True}, {"model_type": "qwen2"}])
+def test_parameter_counts_match_real_models(tokenizer, extra):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from rm.model import apply_lora, tiny_config
+
+    config = tiny_config(tokenizer)
+    if extra:
+        config = AutoConfig.for_model(**{**config.to_dict(), **extra})
+    model = AutoModelForSequenceClassification.from_config(config)
+    shape = Shape.from_config(config.to_dict())
+    assert shape.parameters() == sum(p.numel() for p in model.parameters())
+    lora = apply_lora(model, 4, 8.0, 0.0, "all")
+    assert shape.lora_parameters(4) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+
+
+def test_model_states_by_hand():
+    n, gathered = 4, 2 * 2 * 592  # ZeRO-3 keeps two layers (bf16) gathered: larger than the 80-weight embedding
+    assert model_state_bytes(HAND, Setup("", "", 0), 1, None) == (16 * P, 0)
+    assert model_state_bytes(HAND, Setup("", "", 1), n, None) == (2 * P + 2 * P + 16 * P / n, 0)
+    assert model_state_bytes(HAND, Setup("", "", 2), n, None) == (2 * P + (2 * P + 16 * P) / n, 0)
+    assert model_state_bytes(HAND, Setup("", "", 2, offload_optimizer=True), n, None) == (2 * P + 2 * P / n,
+                                                                                           16 * P / n)
+    assert model_state_bytes(HAND, Setup("", "", 3), n, None) == ((2 * P + 2 * P + 16 * P) / n + gathered, 0)
+    assert model_state_bytes(HAND, Setup("", "", 3, True, True), n, None) == (gathered + 2 * P / n,
+                                                                              2 * P / n + 16 * P / n)
+    t = HAND.lora_parameters(2)
+    assert model_state_bytes(HAND, Setup("", "", 0), 1, 2) == (2 * (P - t) + 16 * t, 0)
+    assert model_state_bytes(HAND, Setup("", "", 2), n, 2) == (2 * P + (2 * t + 16 * t) / n, 0)
+
+
+def test_activations_by_hand():
+    per_token_layer = 12 * 8 + 4 * 8 + 4 * 4 + 8 * 16  # 272 bytes
+    assert HAND.activation_bytes_per_token_layer() == per_token_layer
+    assert activation_bytes(HAND, Workload(10, gradient_checkpointing=False)) == 2 * 10 * per_token_layer
+    # checkpointing: each layer's bf16 input (2h bytes per token) + one layer recomputed in full
+    assert activation_bytes(HAND, Workload(10, gradient_checkpointing=True)) == 2 * 2 * 8 * 10 + 10 * per_token_layer
+
+
+def test_tokens_per_micro_batch():
+    cfg = TrainConfig(per_device_train_batch_size=2, max_source_length=100, max_target_length=28, packing=False,
+                      gradient_accumulation_steps=4, max_tokens_per_micro_batch=1000)
+    assert tokens_per_micro_batch(cfg) == 2 * 2 * 128
+    cfg.packing = True  # the step's 4 x 512 tokens packed under a 1000-token budget
+    assert tokens_per_micro_batch(cfg) == 1000
+    cfg.gradient_accumulation_steps = 1  # nothing to pack together
+    assert tokens_per_micro_batch(cfg) == 512
+
+
+def test_estimate_adds_up():
+    result = estimate(HAND, Setup("", "", 2), 4, Workload(10, True), None)
+    parts = result["model_states"] + result["activations"] + result["overhead"]
+    assert result["total"] == pytest.approx(parts)
+
+
+ORIGINAL_WORKLOAD = Workload(tokens_per_micro_batch(TrainConfig(packing=False)), gradient_checkpointing=True)
+
+
+@pytest.mark.parametrize("preset, yaml", [
+    ("qwen3-0.6b", "zero2_1node.yaml"),      # <= 13B: ZeRO-2 + activation checkpointing
+    ("llama-2-7b", "zero2_1node.yaml"),
+    ("llama-2-13b", "zero2_1node.yaml"),
+    ("qwen3-32b", "zero2_offload.yaml"),     # ~32B: ZeRO-2 + optimizer offload
+    ("llama-3-70b", "zero3_offload.yaml"),   # >= 65B: ZeRO-3 + offload + tuned buckets
+    ("qwen2.5-72b", "zero3_offload.yaml"),
+])
+def test_recommendations_follow_the_original_advice(preset, yaml):
+    """One node of 8 x 80 GiB GPUs, full fine-tuning, the original batch (1 pair, GA 8, 1024 + 256 tokens)."""
+    _, shape = load_shape(preset)
+    setup, result = recommend(shape, 1, 8, 80, ORIGINAL_WORKLOAD, None)
+    assert setup.yaml == yaml and result["total"] <= 72
+
+
+def test_recommendations_depend_on_topology_and_memory():
+    _, shape = load_shape("qwen3-0.6b")
+    assert recommend(shape, 1, 1, 80, ORIGINAL_WORKLOAD, None)[0].yaml == "debug_1gpu.yaml"
+    assert recommend(shape, 2, 8, 80, ORIGINAL_WORKLOAD, None)[0].yaml == "zero2_2node.yaml"
+    _, big = load_shape("llama-3-70b")
+    assert recommend(big, 1, 1, 24, ORIGINAL_WORKLOAD, None) == (None, None)
+    assert recommend(big, 1, 8, 80, ORIGINAL_WORKLOAD, 8)[0].yaml == "zero3_1node.yaml"  # LoRA: no offload needed
+
+
+def test_preset_sizes():
+    sizes = {name: Shape.from_config(shape).parameters() / 1e9 for name, shape in PRESETS.items()}
+    assert sizes["qwen3-0.6b"] == pytest.approx(0.596, abs=0.005)
+    assert sizes["llama-2-7b"] == pytest.approx(6.6, abs=0.1)
+    assert sizes["qwen3-32b"] == pytest.approx(32.0, abs=0.3)
+    assert sizes["llama-3-70b"] == pytest.approx(69.5, abs=0.3)
+
+
+def test_cli_reads_a_model_folder_and_names_bad_fields(tmp_path, tokenizer, capsys):
+    from rm.model import tiny_config
+
+    tiny_config(tokenizer).save_pretrained(tmp_path)
+    assert main(["--model", str(tmp_path), "--gpus-per-node", "2", "--gpu-memory", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "zero2_1node.yaml" in out and "full fine-tuning: ZeRO-2" in out
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PlanError, match="config.json: field 'intermediate_size'"):
+        load_shape(str(tmp_path))
+    assert main(["--model", str(tmp_path / "nowhere")]) == 2
+    assert "not a preset" in capsys.readouterr().err
