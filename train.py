@@ -25,10 +25,11 @@ from rm.checkpoint import Position, load_checkpoint, prepare_output_dir, save_ch
 from rm.config import ConfigError, TrainConfig, parse_config
 from rm.data import DataError
 from rm.encoding import PairCollator, PairEncoder, encode_pairs
-from rm.evaluate import evaluate
+from rm.evaluate import collect_rewards, evaluate, summarize_rewards
 from rm.export import export_reward_model, write_json
 from rm.loss import pair_statistics, pairwise_loss, split_rewards
 from rm.model import RewardModel, apply_lora, load_backbone, load_tokenizer
+from rm.plots import write_training_plots
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.runtime import (build_optimizer, build_scheduler, make_accelerator, model_dtype, optimizer_steps,
                         peak_memory_gb, zero_stage)
@@ -213,18 +214,21 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             f"{guard.skipped_steps[:10]}")
 
     # ---- final evaluation and export
-    final = {"step": global_step}
+    final, eval_rewards, reward_stats = {"step": global_step}, None, None
     if eval_loader is not None:
-        final.update({f"eval/{k}": v for k, v in evaluate(accelerator, model, eval_loader).items()})
+        eval_rewards = collect_rewards(accelerator, model, eval_loader)
+        final.update({f"eval/{k}": v for k, v in summarize_rewards(*eval_rewards).items()})
+        reward_stats = {"mean": final["eval/reward_mean"], "std": final["eval/reward_std"]}  # for rm.score
         accelerator.log({k: v for k, v in final.items() if k != "step"}, step=global_step)
     train_logs = [h for h in history if "train/loss" in h]
     if train_logs:
         final.update({k: v for k, v in train_logs[-1].items() if k.startswith("train/")})
-    merged_dir = export_reward_model(accelerator, model, tokenizer, cfg.output_dir)
+    merged_dir = export_reward_model(accelerator, model, tokenizer, cfg.output_dir, extra_config=reward_stats)
     if accelerator.is_main_process:
         write_json(os.path.join(cfg.output_dir, "training_config.json"), dataclasses.asdict(cfg))
         write_json(os.path.join(cfg.output_dir, "run_info.json"), run_info)
         write_json(os.path.join(cfg.output_dir, "metrics.json"), {"final": final, "history": history})
+        write_training_plots(cfg.output_dir, history + [final], eval_rewards[:2] if eval_rewards else None)
     log(f"saved the reward model to {merged_dir}")
     log("final: " + json.dumps(final))
     accelerator.wait_for_everyone()  # before end_training: avoids the exit-time crashes seen under ZeRO-3

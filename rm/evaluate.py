@@ -27,8 +27,11 @@ def collect_rewards(accelerator: Accelerator, model: torch.nn.Module,
     return torch.cat(chosen), torch.cat(rejected), torch.cat(margins)
 
 
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
-    chosen, rejected, margin = collect_rewards(accelerator, model, loader)
+def summarize_rewards(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> dict[str, float]:
     metrics = reward_metrics(chosen, rejected, margin)
     metrics["pairs"] = float(chosen.numel())
     return metrics
+
+
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+    return summarize_rewards(*collect_rewards(accelerator, model, loader))
