@@ -1,6 +1,7 @@
 """Real runs killed and resumed: SIGKILL at a random step then `--resume_from_checkpoint latest` reproduces the
 uninterrupted loss curve (CPU fp32, 1e-6); SIGTERM to a 2-process DeepSpeed ZeRO-2 launch saves a complete
-checkpoint on every rank and exits non-zero with the resume command, and that resume reproduces the curve too."""
+checkpoint on every rank and exits non-zero with the resume command, and that resume reproduces the curve too;
+so does a ZeRO-3 + LoRA resume."""
 
 import json
 import os
