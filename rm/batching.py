@@ -21,6 +21,7 @@ step's micro-batches and divided by GA by accelerate / DeepSpeed):
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
@@ -189,6 +190,14 @@ def varlen_available(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+@functools.lru_cache(maxsize=1)
+def _varlen_parameters() -> frozenset[str]:
+    """varlen_attn's keywords: torch 2.11 and 2.13 differ (is_causal vs window_size, enable_gqa)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def _varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function: packed rows (cu_seq_lens given) through flash varlen, else SDPA."""
@@ -202,7 +211,7 @@ def _varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # Qwen3's q/k norms return fp32 even under autocast)
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else value.dtype
     q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_parameters()
     options: dict[str, Any] = {"scale": kwargs.get("scaling")}
     options.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
     if k.shape[1] != q.shape[1]:
