@@ -237,7 +237,8 @@ def activation_bytes(shape: Shape, workload: Workload) -> float:
     return shape.num_hidden_layers * per_layer
 
 
-def estimate(shape: Shape, setup: Setup, world_size: int, workload: Workload, lora_rank: int | None) -> dict[str, float]:
+def estimate(shape: Shape, setup: Setup, world_size: int, workload: Workload,
+             lora_rank: int | None) -> dict[str, float]:
     """Per-GPU memory in GiB: model states, activations, overhead and their total; CPU memory per process."""
     gpu_states, cpu_states = model_state_bytes(shape, setup, world_size, lora_rank)
     activations = activation_bytes(shape, workload)
@@ -276,7 +277,8 @@ def launch_command(setup: Setup, num_nodes: int, gpus_per_node: int, model: str,
         return (f"NODE_RANK=<rank> bash torchrun_multi_node_multi_gpu.sh {setup.zero_stage} {num_nodes} "
                 f"{gpus_per_node} <master_addr> 29500 {flags}")
     world = num_nodes * gpus_per_node
-    nodes = f" --num_machines {num_nodes} --machine_rank <rank> --main_process_ip <master_addr>" if num_nodes > 1 else ""
+    nodes = (f" --num_machines {num_nodes} --machine_rank <rank> --main_process_ip <master_addr>"
+             if num_nodes > 1 else "")
     return (f"accelerate launch --config_file accelerate_configs/{setup.yaml} --num_processes {world}{nodes} "
             f"train.py {flags}")
 

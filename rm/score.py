@@ -191,8 +191,8 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
             records.append(record)
 
     model = load_reward_model(folder, is_adapter, args.base_model, dtype, tokenizer).to(device)
-    rewards = [(r - mean) / std for r in
-               score_rows(model, rows, tokenizer.pad_token_id, args.batch_size, device, f"Scoring {Path(args.data).name}")]
+    raw = score_rows(model, rows, tokenizer.pad_token_id, args.batch_size, device, f"Scoring {Path(args.data).name}")
+    rewards = [(r - mean) / std for r in raw]
     summary: dict[str, Any] = {"model": str(folder), "data": args.data, "normalized": bool(args.normalize),
                                "max_source_length": max_source, "max_target_length": max_target}
     if pairs:

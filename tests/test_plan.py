@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from rm.config import TrainConfig
 from rm.plan import (PRESETS, PlanError, Setup, Shape, Workload, activation_bytes, estimate, load_shape, main,
