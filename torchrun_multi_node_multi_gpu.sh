@@ -49,6 +49,15 @@ if [ ! -f "$CONFIG_FILE" ]; then
 fi
 WORLD_SIZE=$((NUM_NODES * GPUS_PER_NODE))
 
+# The yaml is read by accelerate before train.py runs: check it against this topology first (and, on a worker
+# node, that the master answers) so a mistake costs seconds, not a hung or silently wrong launch.
+CHECK=(python -m rm.validate --accelerate_config "$CONFIG_FILE" --num_machines "$NUM_NODES"
+       --num_processes "$WORLD_SIZE" --gpus_per_node "$GPUS_PER_NODE")
+if (( NODE_RANK > 0 )); then
+    CHECK+=(--machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT")
+fi
+"${CHECK[@]}" || exit 1
+
 TRAIN_ARGS=()
 add_flag() { [ -n "${2:-}" ] && TRAIN_ARGS+=("--$1" "$2") || true; }
 add_flag model_name_or_path "${MODEL_PATH:-}"
