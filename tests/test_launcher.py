@@ -62,11 +62,23 @@ def test_rejects_a_node_rank_outside_the_nodes(node_rank):
 def test_errors_when_the_config_it_needs_is_missing(tmp_path):
     shutil.copy(SCRIPT, tmp_path)
     shutil.copytree(ROOT / "accelerate_configs", tmp_path / "accelerate_configs")
+    shutil.copytree(ROOT / "rm", tmp_path / "rm")  # the launcher checks the yaml with rm.validate
     (tmp_path / "accelerate_configs" / "zero2_2node.yaml").unlink()
     script = tmp_path / SCRIPT.name
     proc = launch("2", "2", "4", "10.0.0.1", "29500", script=script, RM_DRY_RUN="1")
     assert proc.returncode == 1 and "accelerate_configs/zero2_2node.yaml not found" in proc.stderr
     assert launch("2", "1", "4", script=script, RM_DRY_RUN="1").returncode == 0  # the 1-node yaml is still there
+
+
+def test_yaml_that_does_not_fit_the_topology_is_refused_before_launch(tmp_path):
+    shutil.copy(SCRIPT, tmp_path)
+    shutil.copytree(ROOT / "rm", tmp_path / "rm")
+    shutil.copytree(ROOT / "accelerate_configs", tmp_path / "accelerate_configs")
+    yaml_path = tmp_path / "accelerate_configs" / "zero3_1node.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace("deepspeed_config:\n", "deepspeed_config:\n  gradient_accumulation_steps: 4\n"))
+    proc = launch("3", "1", "4", script=tmp_path / SCRIPT.name, RM_DRY_RUN="1")
+    assert proc.returncode == 1 and "gradient_accumulation_steps" in proc.stderr + proc.stdout
+    assert "accelerate launch" not in proc.stdout
 
 
 def test_example_1_defaults_one_node():
