@@ -253,10 +253,15 @@ def _read_hub(name: str, split: str, cache_dir: str | None) -> list[Pair]:
     return pairs
 
 
+def is_hub_name(location: str) -> bool:
+    """'owner/name' that is not a local path: read with datasets from the hub."""
+    return not Path(location).exists() and location.count("/") == 1 and not Path(location).suffix
+
+
 def load_pairs(location: str, cache_dir: str | None = None, split: str = "train",
                log: Callable[[str], None] = print) -> list[Pair]:
     """Pairs from a file, a directory of files, or (when it is neither) a datasets hub name."""
-    if not Path(location).exists() and location.count("/") == 1 and not Path(location).suffix:
+    if is_hub_name(location):
         return _read_hub(location, split, cache_dir)
     pairs = []
     for path in data_files(location):

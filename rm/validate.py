@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from rm.config import ConfigError, TrainConfig
-from rm.data import DataError, Pair, _records, data_files, detect_layout, load_pairs
+from rm.data import DataError, Pair, _records, data_files, detect_layout, is_hub_name, load_pairs
 
 SHOWN_BAD_RECORDS = 5
 
@@ -90,8 +90,7 @@ def _starts_with_bracket(path: Path) -> bool:
 
 def read_pairs(location: str, split: str, cfg: TrainConfig, log: Callable[[str], None]) -> list[Pair]:
     """Every pair at `location`, validated; bad records raise DataError, or are dropped under skip_bad_records."""
-    is_hub_name = not Path(location).exists() and location.count("/") == 1 and not Path(location).suffix
-    if not cfg.skip_bad_records or is_hub_name:
+    if not cfg.skip_bad_records or is_hub_name(location):
         pairs = load_pairs(location, cache_dir=cfg.cache_dir, split=split, log=log)
         for pair in pairs:
             check_pair(pair)
