@@ -128,6 +128,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     window_start = time.perf_counter()
     model.train()
     for epoch in range(position.epoch, epochs):
+        if global_step >= total_steps:  # resumed from the last step's checkpoint: nothing left to train
+            break
         epoch_loader, micro_batches = train_loader, 0
         if epoch == position.epoch and position.epoch_generator_state is not None:  # resuming mid-run
             data_generator.set_state(position.epoch_generator_state)

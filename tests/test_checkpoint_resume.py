@@ -68,6 +68,16 @@ def test_sigkill_at_a_random_step_then_resume_reproduces_the_loss_curve(tmp_path
     assert events_before < events_after, "the resumed run must add a tensorboard file, not overwrite one"
 
 
+def test_resume_from_the_last_steps_checkpoint_trains_no_further(tmp_path):
+    """A kill after the final checkpoint but before the export: the resume only evaluates and exports."""
+    args = [*RUN, "--max_steps", 6, "--report_to", "none"]
+    _, reference, _ = run_train(tmp_path / "run", *args)
+    assert os.path.basename(complete_checkpoints(str(tmp_path / "run"))[-1]) == "checkpoint-6"
+    _, resumed, _ = run_train(tmp_path / "run", *args, "--resume_from_checkpoint", "latest")
+    assert resumed["final"]["step"] == 6
+    assert_same_curve(resumed, reference)
+
+
 def test_sigterm_on_two_deepspeed_ranks_saves_a_checkpoint_and_resume_reproduces_the_curve(tmp_path):
     """ZeRO-2 over 2 gloo processes; SIGTERM to the launcher's whole process group mid-run."""
     yaml = ROOT / "accelerate_configs/zero2_1node.yaml"
