@@ -28,7 +28,7 @@ from rm.encoding import PairCollator, PairEncoder, encode_pairs
 from rm.evaluate import collect_rewards, evaluate, summarize_rewards
 from rm.export import export_reward_model, write_json
 from rm.loss import pair_statistics, pairwise_loss, split_rewards
-from rm.model import RewardModel, apply_lora, load_backbone, load_tokenizer
+from rm.model import RewardModel, apply_lora, compile_decoder_layers, load_backbone, load_tokenizer
 from rm.plots import write_training_plots
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.runtime import (build_optimizer, build_scheduler, make_accelerator, model_dtype, optimizer_steps,
@@ -76,6 +76,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         backbone.enable_input_require_grads()  # reentrant checkpointing needs a grad-carrying input
         backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                               adapter_dtype_float32=stage != 3)  # ZeRO-3 wants one dtype for all tensors
+    if cfg.torch_compile:
+        compile_decoder_layers(backbone)
     model = RewardModel(backbone)
     numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 parameters are partitioned)
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)

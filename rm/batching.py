@@ -190,16 +190,21 @@ def varlen_available(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-@functools.lru_cache(maxsize=1)
-def _varlen_parameters() -> frozenset[str]:
-    """varlen_attn's keywords: torch 2.11 and 2.13 differ (is_causal vs window_size, enable_gqa)."""
+def _varlen_options(query_heads: int, kv_heads: int) -> dict[str, Any]:
+    """varlen_attn's causal/GQA keywords: torch 2.11 and 2.13 differ (is_causal vs window_size, enable_gqa).
+    Read once at enable time, outside any torch.compile trace."""
     from torch.nn.attention.varlen import varlen_attn
 
-    return frozenset(inspect.signature(varlen_attn).parameters)
+    params = inspect.signature(varlen_attn).parameters
+    options: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if query_heads != kv_heads and "enable_gqa" in params:
+        options["enable_gqa"] = True
+    return options
 
 
 def _varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                      attention_mask: torch.Tensor | None, *, varlen_options: dict[str, Any],
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function: packed rows (cu_seq_lens given) through flash varlen, else SDPA."""
     from torch.nn.attention.varlen import varlen_attn
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -211,16 +216,11 @@ def _varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # Qwen3's q/k norms return fp32 even under autocast)
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else value.dtype
     q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
-    params = _varlen_parameters()
-    options: dict[str, Any] = {"scale": kwargs.get("scaling")}
-    options.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
-    if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
-            options["enable_gqa"] = True
-        else:
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    if k.shape[1] != q.shape[1] and "enable_gqa" not in varlen_options:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     max_length = kwargs["packed_max_length"]
-    out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **options)
+    out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=kwargs.get("scaling"),
+                      **varlen_options)
     return out[None], None  # (1, tokens, heads, dim), as transformers' attention functions return
 
 
@@ -236,6 +236,8 @@ def enable_varlen_attention(model: torch.nn.Module) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention)
+    config = model.config
+    options = _varlen_options(config.num_attention_heads, config.num_key_value_heads)
+    AttentionInterface.register(VARLEN_ATTENTION, functools.partial(_varlen_attention, varlen_options=options))
     AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
     model.set_attn_implementation(VARLEN_ATTENTION)

@@ -53,6 +53,8 @@ class TrainConfig:
                 "one micro-batch per per_device_train_batch_size pairs); false = the plain path."})
     max_tokens_per_micro_batch: int = field(default=16384, metadata={
         "help": "Token budget of one packed micro-batch (a plain micro-batch is never split)."})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "torch.compile each decoder layer (fuses norms and activations; the first steps pay the compile)."})
     num_train_epochs: float = 1.0
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
     learning_rate: float = 2e-5

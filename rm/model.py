@@ -96,6 +96,17 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     return get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype_float32)
 
 
+def compile_decoder_layers(model: nn.Module) -> None:
+    """torch.compile every decoder layer on its first call, with dynamic shapes: packed rows change length at
+    every micro-batch. The embedding, score head and the loop stay eager, so a compile failure names a layer."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, base.base_model_prefix), "layers", None)
+    if layers is None:
+        raise ValueError(f"--torch_compile: no decoder layers found in {type(base).__name__}")
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last position whose mask is 1, per row; right or left padding alike."""
     positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
