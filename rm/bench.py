@@ -28,12 +28,22 @@ ROOT = Path(__file__).resolve().parent.parent
 QWEN3_06B_SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
                        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
-# name: (train.py arguments, data: "train" or "maxlen")
-CONFIGS: dict[str, tuple[list[str], str]] = {
-    "lora-default": ([], "train"),  # the original defaults: LoRA r8 all-linear, 1 pair x GA 8, checkpointing
-    "full-ft": (["--use_peft", "false"], "train"),
-    "full-ft-nogc": (["--use_peft", "false", "--gradient_checkpointing", "false"], "train"),
-    "full-ft-maxlen": (["--use_peft", "false", "--gradient_checkpointing", "false"], "maxlen"),
+FULL, NO_CKPT, COMPILE = ["--use_peft", "false"], ["--gradient_checkpointing", "false"], ["--torch_compile", "true"]
+ZERO2 = "accelerate_configs/zero2_1node.yaml"  # on one process: bf16 weights, fp32 master copy in DeepSpeed
+# name: (train.py arguments, data: "train" or "maxlen", accelerate yaml or None for plain `python train.py`)
+CONFIGS: dict[str, tuple[list[str], str, str | None]] = {
+    "lora-default": ([], "train", None),  # the original defaults: LoRA r8 all-linear, 1 pair x GA 8, checkpointing
+    "lora-default-compile": (COMPILE, "train", None),
+    "full-ft": (FULL, "train", None),
+    "full-ft-compile": (FULL + COMPILE, "train", None),
+    "full-ft-zero2": (FULL, "train", ZERO2),
+    "full-ft-nogc": (FULL + NO_CKPT, "train", None),
+    "full-ft-nogc-compile": (FULL + NO_CKPT + COMPILE, "train", None),
+    "full-ft-nogc-zero2": (FULL + NO_CKPT, "train", ZERO2),
+    "full-ft-maxlen": (FULL + NO_CKPT, "maxlen", None),
+    "full-ft-maxlen-compile": (FULL + NO_CKPT + COMPILE, "maxlen", None),
+    "full-ft-maxlen-zero2": (FULL + NO_CKPT, "maxlen", ZERO2),
+    "full-ft-maxlen-zero2-compile": (FULL + NO_CKPT + COMPILE, "maxlen", ZERO2),
 }
 
 
@@ -144,9 +154,11 @@ def packed_matches_padded(model_dir: Path, data: str, pairs: int = 8) -> tuple[f
 
 
 def run_config(name: str, packing: bool, model_dir: Path, data: str, args: argparse.Namespace,
-               extra: list[str], out: Path) -> dict[str, Any]:
+               extra: list[str], yaml: str | None, out: Path) -> dict[str, Any]:
     output_dir = out / f"{name}-{'packed' if packing else 'plain'}"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model_name_or_path", str(model_dir), "--train_file_dir", data,
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / yaml),
+                "--num_processes", "1", "--main_process_port", "29650"] if yaml else [sys.executable]
+    cmd = [*launcher, str(ROOT / "train.py"), "--model_name_or_path", str(model_dir), "--train_file_dir", data,
            "--validation_file_dir", "", "--max_train_samples", str(args.max_train_samples), "--max_steps", str(args.max_steps),
            "--logging_steps", str(args.logging_steps), "--report_to", "none", "--output_dir", str(output_dir),
            "--overwrite_output_dir", "true", "--packing", str(packing).lower(),
@@ -178,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_steps", type=int, default=4)
     parser.add_argument("--logging_steps", type=int, default=2)
     parser.add_argument("--max_tokens_per_micro_batch", type=int, default=16384)
+    parser.add_argument("--paths", default="plain,packed", help="plain, packed or both (plain first)")
     parser.add_argument("--work_dir", default="outputs/bench", help="models, runs and logs go here")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
@@ -205,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     print(HEADER, "-" * len(HEADER), sep="\n", flush=True)
     for name in names:
-        extra, kind = CONFIGS[name]
-        for packing in (False, True):  # plain first: the packed row shows the ratio
-            result = run_config(name, packing, model_dir, data[kind], args, extra, out)
+        extra, kind, yaml = CONFIGS[name]
+        for packing in [path == "packed" for path in ("plain", "packed") if path in args.paths.split(",")]:
+            result = run_config(name, packing, model_dir, data[kind], args, extra, yaml, out)
             result.update(config=name, path="packed" if packing else "plain", data=kind,
                           mean_sequence_tokens=flops[kind][1])
             if "tokens_per_s" in result:
@@ -219,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
-HEADER = f"{'configuration':<16}{'path':<8}{'tokens/s':>11}{'pairs/s':>9}{'MFU':>7}{'peak GB':>9}" \
+HEADER = f"{'configuration':<30}{'path':<8}{'tokens/s':>11}{'pairs/s':>9}{'MFU':>7}{'peak GB':>9}" \
          f"{'1st step s':>11}{'x plain':>9}"
 
 
@@ -227,11 +240,11 @@ def table_row(r: dict[str, Any], results: list[dict[str, Any]]) -> str:
     if "error" in r:
         lines = r["error"].strip().splitlines() or [""]
         reason = next((line for line in reversed(lines) if "Error" in line), lines[-1])
-        return f"{r['config']:<16}{r['path']:<8} failed: {reason[:120]} (log in --work_dir)"
+        return f"{r['config']:<30}{r['path']:<8} failed: {reason[:120]} (log in --work_dir)"
     plain = next((p.get("tokens_per_s") for p in results if p["config"] == r["config"] and p["path"] == "plain"),
                  None)
     ratio = r["tokens_per_s"] / plain if plain else float("nan")
-    return (f"{r['config']:<16}{r['path']:<8}{r['tokens_per_s']:>11,.0f}{r['pairs_per_s']:>9.1f}"
+    return (f"{r['config']:<30}{r['path']:<8}{r['tokens_per_s']:>11,.0f}{r['pairs_per_s']:>9.1f}"
             f"{r['mfu']:>7.1%}{r['peak_memory_gb']:>9.1f}{r['first_step_s']:>11.1f}{ratio:>9.2f}")
 
 
