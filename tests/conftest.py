@@ -32,26 +32,31 @@ def tiny_model(tokenizer):
     return load_backbone(TINY, tokenizer, torch.float32)
 
 
-def run_train(output_dir, *args, processes: int = 1, port: int | None = None, accelerate_config: str | None = None,
-              timeout: int = 600):
-    """Runs train.py for real (python, or accelerate launch for several processes / a yaml); returns
-    (completed process, metrics.json, run_info.json)."""
-    import json
-    import subprocess
-
+def train_command(output_dir, *args, processes: int = 1, port: int | None = None,
+                  accelerate_config: str | None = None, mixed_precision: str = "no") -> tuple[list[str], dict]:
+    """The command (python, or accelerate launch for several processes / a yaml) and environment of a real
+    train.py run. mixed_precision overrides the yaml's (fp32 on CPU: the yamls ask for bf16)."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/torch_ext")}
     launcher = [sys.executable, "train.py"]
     if accelerate_config or processes > 1:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port)]
-        if accelerate_config:  # fp32 on CPU: the yamls ask for bf16 where the hardware has it
+        if accelerate_config:
             launcher += ["--config_file", str(accelerate_config), "--num_processes", str(processes),
-                         "--mixed_precision", "no"]
+                         "--mixed_precision", mixed_precision]
         else:  # plain DDP on CPU over gloo (ACCELERATE_USE_CPU must never be set for DeepSpeed runs)
             env["ACCELERATE_USE_CPU"] = "true"
             launcher += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                         "--mixed_precision", "no", "--dynamo_backend", "no"]
+                         "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
         launcher += ["train.py"]
-    cmd = launcher + ["--output_dir", str(output_dir), *map(str, args)]
+    return launcher + ["--output_dir", str(output_dir), *map(str, args)], env
+
+
+def run_train(output_dir, *args, timeout: int = 600, **launch):
+    """Runs train.py for real (see train_command); returns (completed process, metrics.json, run_info.json)."""
+    import json
+    import subprocess
+
+    cmd, env = train_command(output_dir, *args, **launch)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     read = lambda name: json.loads((Path(output_dir) / name).read_text())  # noqa: E731
