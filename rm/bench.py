@@ -39,11 +39,9 @@ CONFIGS: dict[str, tuple[list[str], str, str | None]] = {
     "full-ft-zero2": (FULL, "train", ZERO2),
     "full-ft-nogc": (FULL + NO_CKPT, "train", None),
     "full-ft-nogc-compile": (FULL + NO_CKPT + COMPILE, "train", None),
-    "full-ft-nogc-zero2": (FULL + NO_CKPT, "train", ZERO2),
     "full-ft-maxlen": (FULL + NO_CKPT, "maxlen", None),
     "full-ft-maxlen-compile": (FULL + NO_CKPT + COMPILE, "maxlen", None),
     "full-ft-maxlen-zero2": (FULL + NO_CKPT, "maxlen", ZERO2),
-    "full-ft-maxlen-zero2-compile": (FULL + NO_CKPT + COMPILE, "maxlen", ZERO2),
 }
 
 

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from rm.config import ConfigError
+
 TINY = "tiny"
 TINY_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"
 
@@ -102,7 +104,7 @@ def compile_decoder_layers(model: nn.Module) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, base.base_model_prefix), "layers", None)
     if layers is None:
-        raise ValueError(f"--torch_compile: no decoder layers found in {type(base).__name__}")
+        raise ConfigError(f"--torch_compile: no decoder layers found in {type(base).__name__}")
     for layer in layers:
         layer.compile(dynamic=True)
 
