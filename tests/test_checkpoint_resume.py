@@ -1,7 +1,7 @@
 """Real runs killed and resumed: SIGKILL at a random step then `--resume_from_checkpoint latest` reproduces the
 uninterrupted loss curve (CPU fp32, 1e-6); SIGTERM to a 2-process DeepSpeed ZeRO-2 launch saves a complete
 checkpoint on every rank and exits non-zero with the resume command, and that resume reproduces the curve too;
-so does a ZeRO-3 + LoRA resume."""
+so do a resume after SIGKILL of a whole 2-process ZeRO-2 run (launcher and workers) and a ZeRO-3 + LoRA resume."""
 
 import json
 import os
@@ -9,8 +9,9 @@ import random
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import ROOT, run_train
+from conftest import ROOT, run_train, train_command
 from rm.checkpoint import COMPLETE_MARKER, complete_checkpoints
 
 # 40 pairs, 4 per micro-batch, GA 2: 5 optimizer steps per epoch, so 30 steps cross 5 epoch boundaries.
@@ -34,6 +35,17 @@ def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_EXTENSIONS_DIR": "/tmp/torch_ext", **(env or {})}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def kill_every_process_of(output_dir) -> None:
+    """SIGKILL every other process whose command line names output_dir, as a node failure would: the launcher and
+    its workers (torch's elastic agent starts each worker in a session of its own, out of the launcher's group)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(output_dir).encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # gone already
 
 
 def wait_for_step(proc: subprocess.Popen, step: int) -> str:
@@ -111,6 +123,24 @@ def test_sigterm_on_two_deepspeed_ranks_saves_a_checkpoint_and_resume_reproduces
     assert ranks_saved, "rank 1's optimizer shard is missing from the checkpoint"
 
     _, resumed, _ = run_train(out, *args, "--resume_from_checkpoint", "latest", processes=2, port=29713,
+                              accelerate_config=yaml)
+    assert_same_curve(resumed, reference)
+
+
+def test_sigkill_of_a_two_process_zero2_run_then_resume_reproduces_the_curve(tmp_path):
+    """A node failure under ZeRO-2 over 2 gloo processes: launcher and workers SIGKILLed at a random step."""
+    yaml = ROOT / "accelerate_configs/zero2_1node.yaml"
+    args = [*RUN, "--max_steps", 12, "--report_to", "none"]
+    _, reference, _ = run_train(tmp_path / "reference", *args, processes=2, port=29716, accelerate_config=yaml)
+    kill_at = random.Random().randint(4, 9)
+    out = tmp_path / "killed"
+    cmd, env = train_command(out, *args, processes=2, port=29717, accelerate_config=yaml)
+    proc = start(cmd, env)
+    wait_for_step(proc, kill_at)
+    kill_every_process_of(out)
+    proc.wait(timeout=60)
+    assert not (out / "metrics.json").exists(), f"killed at {kill_at}"
+    _, resumed, _ = run_train(out, *args, "--resume_from_checkpoint", "latest", processes=2, port=29718,
                               accelerate_config=yaml)
     assert_same_curve(resumed, reference)
 

@@ -6,17 +6,14 @@ tokenizer, the sample data. On the GPU machine: `pytest -q tests/test_gpu.py`.
 - `--torch_compile true` (compiled decoder layers around the flash varlen attention) follows the eager curve.
 """
 
-import os
 import random
 import shutil
-import signal
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT, run_train, train_command
-from test_checkpoint_resume import assert_same_curve, start, wait_for_step
+from test_checkpoint_resume import assert_same_curve, kill_every_process_of, start, wait_for_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,16 +22,6 @@ RUN = ["--train_file_dir", "data/sample/train.jsonl", "--validation_file_dir", "
        "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2, "--learning_rate", 1e-5,
        "--report_to", "none"]
 ZERO2 = ROOT / "accelerate_configs/zero2_1node.yaml"
-
-
-def kill_every_process_of(output_dir) -> None:
-    """SIGKILL every other process whose command line names output_dir, as a node failure would."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if str(output_dir).encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
-                os.kill(int(cmdline.parent.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass  # gone already
 
 
 @pytest.fixture(scope="module")
