@@ -123,6 +123,20 @@ def encode_pairs(pairs: list[Pair], encoder: PairEncoder, cache_dir: str | None 
     return encoded
 
 
+def pad_rows(rows: list[list[int]], pad_token_id: int,
+             pad_to_multiple_of: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and attention_mask of token-id rows."""
+    length = max(len(r) for r in rows)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
+
+
 class PairCollator:
     """Stacks a batch of B pairs into 2B right-padded rows: the B chosen rows first, then the B rejected rows."""
 
@@ -132,14 +146,7 @@ class PairCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
-        length = max(len(r) for r in rows)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, : len(row)] = 1
+        input_ids, attention_mask = pad_rows(rows, self.pad_token_id, self.pad_to_multiple_of)
         margin = torch.tensor([float(f.get("margin", 0.0)) for f in features], dtype=torch.float32)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin,
                 "num_tokens": attention_mask.sum()}

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from rm.config import TrainConfig
 from rm.data import DataError, Pair, load_pairs
-from rm.encoding import PairEncoder
+from rm.encoding import PairEncoder, pad_rows
 from rm.export import ADAPTER_DIR, MODEL_DIR
 from rm.loss import reward_metrics
 from rm.model import RewardModel, load_tokenizer
@@ -126,17 +126,6 @@ def _text_records(path: Path) -> Iterator[tuple[str, str]] | None:
                 raise DataError(where, "field 'text' must be a non-empty string")
             yield where, value
     return texts()
-
-
-def pad_rows(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids and attention_mask."""
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-    return input_ids, attention_mask
 
 
 @torch.no_grad()
