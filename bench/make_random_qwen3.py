@@ -15,24 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rm.bench import build_random_model  # noqa: E402
 from rm.model import TINY, load_tokenizer  # noqa: E402
-
-QWEN3_0_6B_SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
 def main(out_dir: str, num_hidden_layers: int) -> None:
     tokenizer = load_tokenizer(TINY)
-    shape = {**QWEN3_0_6B_SHAPE, "num_hidden_layers": num_hidden_layers}
-    config = AutoConfig.for_model("qwen3", **shape, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
+    model = build_random_model("qwen3-0.6b", tokenizer, num_hidden_layers)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     print(f"{out_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")

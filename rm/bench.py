@@ -67,23 +67,30 @@ def matmul_peak_tflops(device: torch.device) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def make_random_model(path: Path, shape: str) -> Path:
-    """A random Qwen3 sequence-classification checkpoint (the tiny tokenizer beside it), built once."""
+def build_random_model(shape: str, tokenizer: Any, num_hidden_layers: int | None = None) -> torch.nn.Module:
+    """A random Qwen3 sequence-classification model (bf16, seed 0) of this shape, for the given tokenizer."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from rm.model import TINY, load_tokenizer, tiny_config
+    from rm.model import tiny_config
+
+    if shape == "tiny":
+        config = tiny_config(tokenizer)
+    else:
+        layers = {"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}
+        config = AutoConfig.for_model("qwen3", num_labels=1, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, **{**QWEN3_06B_SHAPE, **layers})
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
+
+
+def make_random_model(path: Path, shape: str) -> Path:
+    """A random Qwen3 sequence-classification checkpoint (the tiny tokenizer beside it), built once."""
+    from rm.model import TINY, load_tokenizer
 
     if (path / "config.json").exists():
         return path
     tokenizer = load_tokenizer(TINY)
-    if shape == "tiny":
-        config = tiny_config(tokenizer)
-    else:
-        config = AutoConfig.for_model("qwen3", num_labels=1, pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, **QWEN3_06B_SHAPE)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
+    build_random_model(shape, tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
