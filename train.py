@@ -26,7 +26,8 @@ from rm.config import ConfigError, TrainConfig, parse_config
 from rm.data import DataError
 from rm.encoding import PairCollator, PairEncoder, encode_pairs
 from rm.evaluate import collect_rewards, evaluate, summarize_rewards
-from rm.export import export_reward_model, write_json
+from rm.export import export_reward_model
+from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, write_json
 from rm.loss import pair_statistics, pairwise_loss, split_rewards
 from rm.model import RewardModel, apply_lora, compile_decoder_layers, load_backbone, load_tokenizer
 from rm.plots import write_training_plots
@@ -229,9 +230,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         final.update({k: v for k, v in train_logs[-1].items() if k.startswith("train/")})
     merged_dir = export_reward_model(accelerator, model, tokenizer, cfg.output_dir, extra_config=reward_stats)
     if accelerator.is_main_process:
-        write_json(os.path.join(cfg.output_dir, "training_config.json"), dataclasses.asdict(cfg))
-        write_json(os.path.join(cfg.output_dir, "run_info.json"), run_info)
-        write_json(os.path.join(cfg.output_dir, "metrics.json"), {"final": final, "history": history})
+        write_json(os.path.join(cfg.output_dir, TRAINING_CONFIG), dataclasses.asdict(cfg))
+        write_json(os.path.join(cfg.output_dir, RUN_INFO), run_info)
+        write_json(os.path.join(cfg.output_dir, METRICS), {"final": final, "history": history})
         write_training_plots(cfg.output_dir, history + [final], eval_rewards[:2] if eval_rewards else None)
     log(f"saved the reward model to {merged_dir}")
     log("final: " + json.dumps(final))

@@ -21,14 +21,13 @@ import torch
 from accelerate import Accelerator
 
 from rm.config import ConfigError, TrainConfig
+from rm.outputs import CHECKPOINT_PREFIX as PREFIX
+from rm.outputs import COMPLETE_MARKER, STAGING_PREFIX, write_json
+from rm.outputs import DATA_ORDER as DATA_ORDER_FILE
+from rm.outputs import TRAINER_STATE as POSITION_FILE
+from rm.outputs import TRAINING_CONFIG as CONFIG_FILE
 from rm.runtime import check_output_dir
 
-PREFIX = "checkpoint-"
-STAGING_PREFIX = ".staging-"
-COMPLETE_MARKER = "COMPLETE"
-POSITION_FILE = "trainer_state.json"
-DATA_ORDER_FILE = "data_order.pt"
-CONFIG_FILE = "training_config.json"
 # Settings that may change between a run and its resume: they do not change what is trained.
 RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "cache_dir", "report_to",
                      "logging_steps", "eval_steps", "save_steps", "save_total_limit"}  # output_dir: may be moved
@@ -127,14 +126,6 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
     return checkpoint
 
 
-def _write_json(path: str, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, position: Position) -> str:
     """Collective (every rank calls it): saves the full training state as output_dir/checkpoint-<step>."""
     name = f"{PREFIX}{position.global_step}"
@@ -147,10 +138,10 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, position: Positi
     accelerator.wait_for_everyone()  # every rank's shards are on disk before the marker says so
     if accelerator.is_main_process:
         state = {k: v for k, v in dataclasses.asdict(position).items() if k != "epoch_generator_state"}
-        _write_json(os.path.join(staging, POSITION_FILE), state)
+        write_json(os.path.join(staging, POSITION_FILE), state)
         torch.save({"epoch_generator_state": position.epoch_generator_state}, os.path.join(staging, DATA_ORDER_FILE))
-        _write_json(os.path.join(staging, CONFIG_FILE), dataclasses.asdict(cfg))
-        _write_json(os.path.join(staging, COMPLETE_MARKER), {"global_step": position.global_step})
+        write_json(os.path.join(staging, CONFIG_FILE), dataclasses.asdict(cfg))
+        write_json(os.path.join(staging, COMPLETE_MARKER), {"global_step": position.global_step})
         if os.path.exists(final):  # an older save of this step (a resume from an earlier checkpoint): replace it
             shutil.rmtree(final)
         os.rename(staging, final)

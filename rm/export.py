@@ -9,7 +9,6 @@ a fresh CPU copy of the model, so the export never touches the distributed model
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Any
 
@@ -18,9 +17,8 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from rm.model import RewardModel, no_zero3_init
+from rm.outputs import ADAPTER_DIR, MODEL_DIR
 
-MODEL_DIR = "model"
-ADAPTER_DIR = "adapter"
 
 
 def export_reward_model(accelerator: Accelerator, model: nn.Module, tokenizer: Any, output_dir: str,
@@ -55,8 +53,3 @@ def export_reward_model(accelerator: Accelerator, model: nn.Module, tokenizer: A
     accelerator.wait_for_everyone()
     return merged_dir
 
-
-def write_json(path: str, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")

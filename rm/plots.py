@@ -13,9 +13,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from rm.outputs import CURVES_PLOT, HISTOGRAM_PLOT  # noqa: E402
+
 CURVES = (("loss", "loss"), ("accuracy", "pairwise accuracy"), ("margin", "mean margin (chosen - rejected)"))
-CURVES_FILE = "training_curves.png"
-HISTOGRAM_FILE = "eval_reward_histogram.png"
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str) -> str:
@@ -59,7 +59,7 @@ def plot_reward_histogram(chosen: Sequence[float], rejected: Sequence[float], pa
 def write_training_plots(output_dir: str, history: Sequence[dict[str, Any]],
                          eval_rewards: tuple[Sequence[float], Sequence[float]] | None) -> list[str]:
     """Both plots into output_dir (the histogram only when there was an eval set); returns the paths written."""
-    written = [plot_training_curves(history, os.path.join(output_dir, CURVES_FILE))]
+    written = [plot_training_curves(history, os.path.join(output_dir, CURVES_PLOT))]
     if eval_rewards is not None:
-        written.append(plot_reward_histogram(*eval_rewards, os.path.join(output_dir, HISTOGRAM_FILE)))
+        written.append(plot_reward_histogram(*eval_rewards, os.path.join(output_dir, HISTOGRAM_PLOT)))
     return written

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from rm.config import TrainConfig
 from rm.data import DataError, Pair, load_pairs
 from rm.encoding import PairEncoder, pad_rows
-from rm.export import ADAPTER_DIR, MODEL_DIR
+from rm.outputs import ADAPTER_DIR, MODEL_DIR, TRAINING_CONFIG
 from rm.loss import reward_metrics
 from rm.model import RewardModel, load_tokenizer
 
@@ -91,7 +91,7 @@ def normalization_stats(folder: Path, is_adapter: bool) -> tuple[float, float]:
 def training_lengths(folder: Path) -> tuple[int, int]:
     """max_source_length / max_target_length of the run that made the model, else the trainer's defaults."""
     defaults = TrainConfig()
-    for candidate in (folder.parent / "training_config.json", folder / "training_config.json"):
+    for candidate in (folder.parent / TRAINING_CONFIG, folder / TRAINING_CONFIG):
         if candidate.is_file():
             cfg = json.loads(candidate.read_text())
             return (cfg.get("max_source_length", defaults.max_source_length),
