@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rm.plan import Workload, estimate, load_shape, setups  # noqa: E402
+from rm.cli.plan import Workload, estimate, load_shape, setups  # noqa: E402
 
 S = {x.name: x for x in setups(1, 1)}
 rows = [  # (label, model, setup, tokens per micro-batch, checkpointing, lora, measured GB, source)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rm.config import TrainConfig
-from rm.plan import (PRESETS, PlanError, Setup, Shape, Workload, activation_bytes, estimate, load_shape, main,
+from rm.cli.plan import (PRESETS, PlanError, Setup, Shape, Workload, activation_bytes, estimate, load_shape, main,
                      model_state_bytes, recommend, tokens_per_micro_batch)
 
 # h 8, 2 layers, MLP 16, 2 query heads / 1 kv head of dim 4, vocab 10: per layer 576 linear weights + 16 norm

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import ROOT, run_train
-from rm.score import main as score_main
+from rm.cli.score import main as score_main
 
 EVAL = ROOT / "data" / "sample" / "eval.jsonl"
 QUICK = ["--config", "examples/quickstart.yaml", "--max_steps", "10", "--report_to", "none",

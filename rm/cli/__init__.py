@@ -1,0 +1,1 @@
+"""Command-line tools around the trainer (score, plan, validate, bench); nothing the trainer runs imports them."""
