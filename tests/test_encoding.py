@@ -1,7 +1,10 @@
+import pytest
 import torch
 
-from rm.data import Pair
+from conftest import ROOT
+from rm.data import read_pairs
 from rm.encoding import PairCollator, PairEncoder, encode_pairs
+from rm.layouts import Pair
 
 PROMPT = [{"role": "user", "content": "How was the hotel?"}]
 
@@ -66,3 +69,127 @@ def test_collator_pads_to_multiple():
     batch = PairCollator(pad_token_id=3, pad_to_multiple_of=8)(
         [{"chosen_input_ids": [1, 2], "rejected_input_ids": [1], "margin": 0.0}])
     assert batch["input_ids"].shape == (2, 8) and batch["input_ids"].dtype == torch.long
+
+
+# --------------------------------------------------------------------------------------------- special tokens
+def write_bos_tokenizer(folder, template_prefix: str = "{{ bos_token }}"):
+    """The shipped tiny tokenizer, made Llama-3 / Gemma-like: it adds a BOS token itself (a TemplateProcessing
+    post-processor) and its chat template writes one too."""
+    import json
+    import shutil
+
+    from rm.model import TINY_TOKENIZER
+
+    shutil.copytree(TINY_TOKENIZER, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    bos_id = 1 + max(*spec["model"]["vocab"].values(), *(t["id"] for t in spec["added_tokens"]))
+    spec["added_tokens"].append({"id": bos_id, "content": "<bos>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    bos, seq = {"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [bos, seq],
+                              "pair": [bos, seq, {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<bos>": {"id": "<bos>", "ids": [bos_id], "tokens": ["<bos>"]}}}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<bos>", "add_bos_token": True}))
+    template = folder / "chat_template.jinja"
+    template.write_text(template_prefix + template.read_text())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tmp_path_factory):
+    from rm.model import load_tokenizer
+
+    tok = load_tokenizer(str(write_bos_tokenizer(tmp_path_factory.mktemp("tok") / "bos")))
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id  # the tokenizer adds BOS on its own
+    return tok
+
+
+def hf_ids(tok, messages):
+    """Token ids from the tokenizer's own apply_chat_template (it adds no special tokens of its own)."""
+    ids = tok.apply_chat_template(messages, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.mark.parametrize("name", ["tiny", "bos"])
+def test_ids_equal_the_tokenizers_own_chat_template_with_one_bos(name, tokenizer, bos_tokenizer):
+    tok = {"tiny": tokenizer, "bos": bos_tokenizer}[name]
+    pairs = read_pairs(str(ROOT / "data/sample/eval.jsonl"), log=lambda m: None)
+    enc = PairEncoder(tok, 1024, 256)
+    for pair in pairs[:20]:
+        encoded, _ = enc.encode(pair)
+        for side in ("chosen", "rejected"):
+            ids = encoded[f"{side}_input_ids"]
+            assert ids == hf_ids(tok, pair.prompt + [{"role": "assistant", "content": getattr(pair, side)}])
+            if name == "bos":
+                assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+
+
+def test_without_chat_template_the_tokenizer_adds_its_bos_once(bos_tokenizer):
+    import copy
+
+    plain = copy.deepcopy(bos_tokenizer)
+    plain.chat_template = None
+    encoded, _ = PairEncoder(plain, 1024, 256).encode(Pair(PROMPT, "Great.", "Bad."))
+    ids = encoded["chosen_input_ids"]
+    assert ids[0] == plain.bos_token_id and ids.count(plain.bos_token_id) == 1 and ids[-1] == plain.eos_token_id
+
+
+# --------------------------------------------------------------------------------------------- reward position
+def test_eos_position_ends_at_eos_and_template_end_keeps_the_whole_end_of_turn(tokenizer):
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    pair = Pair(PROMPT, "Great stay.", "Awful.")
+    at_end, _ = PairEncoder(tokenizer, 1024, 256).encode(pair)
+    at_eos, _ = PairEncoder(tokenizer, 1024, 256, reward_position="eos").encode(pair)
+    for side in ("chosen_input_ids", "rejected_input_ids"):
+        assert at_end[side][-2:] == [tokenizer.eos_token_id, *newline]  # Qwen-style: <|im_end|> then "\n"
+        assert at_eos[side] == at_end[side][:-1] and at_eos[side][-1] == tokenizer.eos_token_id
+    truncated, _ = PairEncoder(tokenizer, 1024, 3, reward_position="eos").encode(Pair(PROMPT, "x " * 20, "y " * 20))
+    assert truncated["chosen_input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_eos_is_appended_when_the_end_of_turn_holds_none(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = tok.chat_template.replace("<|im_end|>", "<|endoftext|>")  # a turn closed by another token
+    ids = PairEncoder(tok, 1024, 256, reward_position="eos").encode_response(PROMPT, "Fine.")
+    end = tok("<|endoftext|>\n", add_special_tokens=False)["input_ids"]
+    assert ids[-len(end) - 1:] == end + [tok.eos_token_id]
+    with pytest.raises(ValueError, match="reward_position must be one of template_end, eos"):
+        PairEncoder(tok, 1024, 256, reward_position="last")
+
+
+# --------------------------------------------------------------------------------------------- prompt-less, empty
+def test_prompt_less_pair_renders_the_reply_alone(tokenizer):
+    enc = PairEncoder(tokenizer, 1024, 256)
+    assert enc.render([], "A red car.") == ("<|im_start|>assistant\n", "A red car.", "<|im_end|>\n")
+    encoded, _ = enc.encode(Pair([], "A red car.", "A car."))
+    assert encoded["chosen_input_ids"] == hf_ids(tokenizer, [{"role": "assistant", "content": "A red car."}])
+
+
+def test_template_that_refuses_a_conversation_without_user_falls_back_to_the_bare_reply(tmp_path):
+    from rm.model import load_tokenizer
+
+    refusing = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('must start with user') }}{% endif %}"
+    tok = load_tokenizer(str(write_bos_tokenizer(tmp_path / "strict", refusing + "{{ bos_token }}")))
+    enc = PairEncoder(tok, 1024, 256)
+    assert enc.render([], "A red car.") == ("<bos>", "A red car.", "<|im_end|>\n")
+    encoded, _ = enc.encode(Pair([], "A red car.", "A car."))
+    assert encoded["chosen_input_ids"] == tok("<bos>A red car.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+
+
+def test_empty_reply_is_the_end_of_turn_alone(tokenizer):
+    enc = PairEncoder(tokenizer, 1024, 256)
+    prompt_text, _, _ = enc.render(PROMPT, "x")
+    assert enc.render(PROMPT, "") == (prompt_text, "", "<|im_end|>\n")
+    encoded, _ = enc.encode(Pair(PROMPT, "Great stay.", ""))
+    assert encoded["rejected_input_ids"] == hf_ids(tokenizer, PROMPT + [{"role": "assistant", "content": ""}])
+
+
+def test_string_prompt_is_taken_as_rendered_and_gets_the_end_of_turn(tokenizer, bos_tokenizer):
+    for tok in (tokenizer, bos_tokenizer):
+        enc = PairEncoder(tok, 1024, 256)
+        rendered = tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+        assert enc.encode_response(rendered, "Great stay.") == enc.encode_response(PROMPT, "Great stay.")
