@@ -12,7 +12,7 @@ mkdir -p "$RESULTS" "$RUNS"
 python3 bench/make_random_qwen3.py "$MODEL" 2>&1 | tee -a "$RESULTS/runs.log"
 
 # --logging_steps 1: per-step loss and tokens/s; no eval set; lora_dropout 0 so the stages can be compared step by step
-TRAIN_ARGS=(--validation_file_dir "" --max_steps "$STEPS" --logging_steps 1 --per_device_train_batch_size 4
+TRAIN_ARGS=(--validation_file_dir none --max_steps "$STEPS" --logging_steps 1 --per_device_train_batch_size 4
             --gradient_accumulation_steps 1 --lora_dropout 0 --report_to none)
 run=0
 for mode in full lora; do

@@ -80,13 +80,13 @@ def split_dpo_en(data_dir: Path, work_dir: Path, train_pairs: int, heldout_pairs
 
 def length_baseline(heldout: Path, encoder_model: Path, max_source: int, max_target: int) -> float:
     """Accuracy of 'the longer response (in tokens, after the trainer's truncation) wins', ties count half."""
-    from rm.data import load_pairs
+    from rm.data import read_pairs
     from rm.encoding import PairEncoder
     from rm.model import load_tokenizer
 
     encoder = PairEncoder(load_tokenizer(str(encoder_model)), max_source, max_target)
     wins = 0.0
-    pairs = load_pairs(str(heldout), log=lambda _: None)
+    pairs = read_pairs(str(heldout), log=lambda _: None)
     for pair in pairs:
         encoded, _ = encoder.encode(pair)
         chosen = len(encoded["chosen_input_ids"]) if encoded else 0

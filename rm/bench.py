@@ -98,9 +98,9 @@ def make_random_model(path: Path, shape: str) -> Path:
 def write_maxlen_pairs(source: str, path: Path, pairs: int = 64) -> Path:
     """Pairs that truncation cuts to exactly max_source_length + max_target_length tokens per sequence: each
     prompt and response concatenates many texts of the source file."""
-    from rm.data import load_pairs
+    from rm.data import read_pairs
 
-    texts = load_pairs(source, log=lambda m: None)
+    texts = read_pairs(source, log=lambda m: None)
     with path.open("w", encoding="utf-8") as f:
         for i in range(pairs):
             chunk = [texts[(i + j) % len(texts)] for j in range(12)]
@@ -164,7 +164,7 @@ def run_config(name: str, packing: bool, model_dir: Path, data: str, args: argpa
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / yaml),
                 "--num_processes", "1", "--main_process_port", "29650"] if yaml else [sys.executable]
     cmd = [*launcher, str(ROOT / "train.py"), "--model_name_or_path", str(model_dir), "--train_file_dir", data,
-           "--validation_file_dir", "", "--max_train_samples", str(args.max_train_samples), "--max_steps", str(args.max_steps),
+           "--validation_file_dir", "none", "--max_train_samples", str(args.max_train_samples), "--max_steps", str(args.max_steps),
            "--logging_steps", str(args.logging_steps), "--report_to", "none", "--output_dir", str(output_dir),
            "--overwrite_output_dir", "true", "--packing", str(packing).lower(),
            "--max_tokens_per_micro_batch", str(args.max_tokens_per_micro_batch), *extra]

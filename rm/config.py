@@ -7,14 +7,14 @@ DeepSpeed settings are not here: they live in accelerate_configs/*.yaml.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Literal, Optional, get_args, get_origin, get_type_hints
 
 import yaml
+from transformers import HfArgumentParser
 
 
 class ConfigError(ValueError):
@@ -28,26 +28,36 @@ class TrainConfig:
         "help": "Local path or hub name of a causal LM; 'tiny' builds a small random Qwen3 model (offline)."})
     tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Defaults to the model's."})
     use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (+ the score head); false = full."})
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
     target_modules: str = field(default="all", metadata={
         "help": "'all' = every linear layer but the head, or a comma-separated list of module names."})
-    gradient_checkpointing: bool = True
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (a launcher yaml may also set it)."})
+    gradient_checkpointing: bool = field(default=True, metadata={
+        "help": "Recompute activations in backward: less memory, more compute."})
+    bf16: Optional[bool] = field(default=None, metadata={
+        "nargs": "?", "const": True, "help": "bf16 mixed precision. Unset: what the accelerate launcher says (its yaml's mixed_precision; plain "
+                "python: off). Set against the launcher's choice: refused. training_config.json records what ran."})
     # data
     train_file_dir: str = field(default="data/sample/train.jsonl", metadata={
         "help": "Directory of .jsonl/.json/.parquet files, one such file, or a datasets hub name."})
-    validation_file_dir: Optional[str] = field(default="data/sample/eval.jsonl")
+    validation_file_dir: Optional[str] = field(default=None, metadata={
+        "help": "Eval data (same forms as train_file_dir). Unset: the embedded sample's eval file with the embedded "
+                "train file, else a held-out split of the train data; 'none': no evaluation."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache for tokenized data and hub downloads."})
     max_source_length: int = field(default=1024, metadata={"help": "Prompt tokens kept (its end is kept)."})
     max_target_length: int = field(default=256, metadata={"help": "Response tokens kept (end-of-turn kept)."})
-    max_train_samples: Optional[int] = field(default=1000, metadata={"help": "Use at most this many pairs; -1 = all."})
-    max_eval_samples: Optional[int] = field(default=10, metadata={"help": "-1 = all."})
+    reward_position: Literal["template_end", "eos"] = field(default="template_end", metadata={
+        "help": "Where each sequence ends and the reward is read: template_end = after the chat template's whole "
+                "end-of-turn (HF / TRL clients), eos = at the EOS token (OpenRLHF). Recorded in model/config.json."})
+    max_train_samples: int = field(default=1000, metadata={"help": "Use at most this many pairs; -1 = all."})
+    max_eval_samples: int = field(default=10, metadata={
+        "help": "Evaluate on at most this many pairs; -1 = all, 0 = no evaluation."})
     # optimisation
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Pairs per micro-batch per process."})
-    per_device_eval_batch_size: int = 1
-    gradient_accumulation_steps: int = 8
+    per_device_eval_batch_size: int = field(default=1, metadata={"help": "Pairs per evaluation batch per process."})
+    gradient_accumulation_steps: int = field(default=8, metadata={
+        "help": "Micro-batches per optimizer step (the yaml must not set it)."})
     packing: bool = field(default=True, metadata={
         "help": "Fast path: pack each optimizer step's pairs pad-free into few micro-batches (same gradient as "
                 "one micro-batch per per_device_train_batch_size pairs); false = the plain path."})
@@ -55,21 +65,23 @@ class TrainConfig:
         "help": "Token budget of one packed micro-batch (a plain micro-batch is never split)."})
     torch_compile: bool = field(default=False, metadata={
         "help": "torch.compile each decoder layer (fuses norms and activations; the first steps pay the compile)."})
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the train data (may be fractional)."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.001
-    warmup_ratio: float = 0.05
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "linear or cosine"})
-    max_grad_norm: float = 1.0
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.001, metadata={"help": "AdamW weight decay (not on norms and biases)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of the steps spent warming up, in [0, 1)."})
+    lr_scheduler_type: Literal["linear", "cosine"] = field(default="linear", metadata={
+        "help": "Decay after warmup."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient's global norm to this (> 0)."})
     center_rewards_coefficient: float = field(default=0.0, metadata={
         "help": "Adds coef * mean((r_chosen + r_rejected)^2) to keep rewards centred at zero."})
-    seed: int = 42
+    seed: int = field(default=42, metadata={"help": "Seeds shuffling, initialisation and dropout."})
     # output and logging
-    output_dir: str = "outputs/rm"
+    output_dir: str = field(default="outputs/rm", metadata={
+        "help": "Where the model, metrics, plots, tensorboard logs and checkpoints go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
-    logging_steps: int = 10
-    eval_steps: int = 50
+    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every this many optimizer steps."})
+    eval_steps: int = field(default=50, metadata={"help": "Evaluate every this many optimizer steps."})
     save_steps: int = field(default=500, metadata={
         "help": "Save the full training state to output_dir/checkpoint-<step> every this many optimizer steps."})
     save_total_limit: int = field(default=3, metadata={"help": "Keep only the newest this many checkpoints; 0 = all."})
@@ -80,95 +92,133 @@ class TrainConfig:
     skip_nonfinite_steps: bool = field(default=False, metadata={
         "help": "Skip an optimizer step whose loss or gradient norm is NaN/inf instead of stopping (not under "
                 "DeepSpeed, which steps inside backward)."})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none"})
+    allow_changed_data: bool = field(default=False, metadata={
+        "help": "Resume although the train data changed since the checkpoint was saved (its data order then "
+                "differs from an uninterrupted run's); without it such a resume is refused."})
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = field(default="tensorboard", metadata={
+        "help": "Experiment tracker."})
 
 
-def _to_bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "y", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "n", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+# ---- the range of every setting: one check per field, table-driven (tests/test_config.py walks every field)
+def _positive(v: Any) -> bool:
+    return v > 0 and math.isfinite(v)
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    """The scalar type behind a field's (possibly Optional, possibly string) annotation."""
-    name = str(f.type).replace("Optional[", "").rstrip("]")
-    return {"str": str, "int": int, "float": float, "bool": bool}[name]
+def _non_negative(v: Any) -> bool:
+    return v >= 0 and math.isfinite(v)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train a pairwise reward model.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="yaml or json file with any of the settings below")
-    for f in fields(TrainConfig):
-        kind = _field_type(f)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", " ")}
-        if kind is bool:
-            kwargs.update(type=_to_bool, nargs="?", const=True)
-        else:
-            kwargs.update(type=kind)
-        parser.add_argument(f"--{f.name}", **kwargs)
-    return parser
+def _non_empty(v: Any) -> bool:
+    return bool(v.strip())
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    f = {f.name: f for f in fields(TrainConfig)}.get(name)
-    if f is None:
-        raise ConfigError(f"{source}: unknown setting {name!r}")
+_ANY: Callable[[Any], bool] = lambda v: True  # noqa: E731  (bools and free-form optional strings)
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model_name_or_path": (_non_empty, "a local path, a hub name or 'tiny'"),
+    "tokenizer_name_or_path": (_non_empty, "a non-empty path or hub name"),
+    "lora_rank": (_positive, "> 0"),
+    "lora_alpha": (_positive, "> 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "target_modules": (lambda v: all(m.strip() for m in v.split(",")), "'all' or comma-separated module names"),
+    "train_file_dir": (_non_empty, "a file, a directory or a hub data set name"),
+    "validation_file_dir": (_non_empty, "a file, a directory, a hub name or 'none'"),
+    "cache_dir": (_non_empty, "a directory"),
+    "max_source_length": (_positive, "> 0"),
+    "max_target_length": (_positive, "> 0"),
+    "max_train_samples": (lambda v: v == -1 or v > 0, "> 0, or -1 for all"),
+    "max_eval_samples": (lambda v: v >= -1, ">= 0 (0 = no evaluation), or -1 for all"),
+    "per_device_train_batch_size": (_positive, "> 0"),
+    "per_device_eval_batch_size": (_positive, "> 0"),
+    "gradient_accumulation_steps": (_positive, "> 0"),
+    "max_tokens_per_micro_batch": (_positive, "> 0"),
+    "num_train_epochs": (_positive, "> 0 and finite"),
+    "max_steps": (lambda v: v == -1 or v > 0, "> 0, or -1 to train num_train_epochs"),
+    "learning_rate": (_positive, "> 0 and finite"),
+    "weight_decay": (_non_negative, ">= 0 and finite"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "max_grad_norm": (_positive, "> 0 and finite (a negative norm would flip the gradient)"),
+    "center_rewards_coefficient": (_non_negative, ">= 0 and finite"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "output_dir": (_non_empty, "a directory"),
+    "logging_steps": (_positive, "> 0"),
+    "eval_steps": (_positive, "> 0"),
+    "save_steps": (_positive, "> 0"),
+    "save_total_limit": (_non_negative, ">= 0 (0 = keep all)"),
+    "resume_from_checkpoint": (_non_empty, "'latest' or a checkpoint directory"),
+}
+
+
+def _field_kind(name: str) -> tuple[type, bool, tuple[str, ...] | None]:
+    """(scalar type, may it be None, its choices) from a field's annotation."""
+    hint = get_type_hints(TrainConfig)[name]
+    optional = type(None) in get_args(hint)
+    if optional:
+        hint = next(arg for arg in get_args(hint) if arg is not type(None))
+    if get_origin(hint) is Literal:
+        return str, optional, get_args(hint)
+    return hint, optional, None
+
+
+def check_value(name: str, value: Any, source: str) -> None:
+    """Raise ConfigError naming `source` and the field when `value` is of the wrong type or out of range."""
+    kind, optional, choices = _field_kind(name)
     if value is None:
-        return None
-    kind = _field_type(f)
-    try:
-        if kind is bool:
-            return _to_bool(value)
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
-    except (ValueError, argparse.ArgumentTypeError):
-        raise ConfigError(f"{source}: setting {name!r} must be {kind.__name__}, got {value!r}") from None
+        if not optional:
+            raise ConfigError(f"{source}: setting {name!r} must not be null")
+        return
+    type_ok = {bool: lambda: isinstance(value, bool),
+               int: lambda: isinstance(value, int) and not isinstance(value, bool),
+               float: lambda: isinstance(value, (int, float)) and not isinstance(value, bool),
+               str: lambda: isinstance(value, str)}[kind]()
+    if not type_ok:
+        expected = "true or false" if kind is bool else kind.__name__
+        raise ConfigError(f"{source}: setting {name!r} must be {expected}, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{source}: setting {name!r} must be one of {', '.join(choices)}, got {value!r}")
+    check, expected = _CHECKS.get(name, (_ANY, ""))
+    if isinstance(value, float) and not math.isfinite(value) or not check(value):
+        raise ConfigError(f"{source}: setting {name!r} must be {expected}, got {value!r}")
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    text = Path(path).read_text(encoding="utf-8")
+    """The settings of a yaml or json file, each checked for name, type and range."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror})") from None
     try:
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: not valid {'json' if path.endswith('.json') else 'yaml'}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of setting: value")
-    return {k: _coerce(k, v, path) for k, v in data.items()}
+    known = {f.name for f in fields(TrainConfig)}
+    for name, value in data.items():
+        if name not in known:
+            raise ConfigError(f"{path}: unknown setting {name!r}")
+        check_value(name, value, path)
+    return data
 
 
-def validate(cfg: TrainConfig) -> None:
-    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "max_tokens_per_micro_batch",
-                "max_source_length", "max_target_length", "logging_steps", "eval_steps", "save_steps"]
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
-    if cfg.lr_scheduler_type not in {"linear", "cosine"}:
-        raise ConfigError(f"lr_scheduler_type must be linear or cosine, got {cfg.lr_scheduler_type!r}")
-    if not 0.0 <= cfg.warmup_ratio < 1.0:
-        raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.report_to not in {"tensorboard", "wandb", "all", "none"}:
-        raise ConfigError(f"report_to must be tensorboard, wandb, all or none, got {cfg.report_to!r}")
-    if cfg.save_total_limit < 0:
-        raise ConfigError(f"save_total_limit must be >= 0 (0 = keep all), got {cfg.save_total_limit}")
-    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
-        raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
+def build_parser() -> HfArgumentParser:
+    """Every TrainConfig field as --name (defaults shown by --help), plus --config FILE."""
+    parser = HfArgumentParser(TrainConfig, description="Train a pairwise (chosen vs rejected) reward model.",
+                              allow_abbrev=False)  # a misspelt flag is an error, not another flag
+    parser.add_argument("--config", help="yaml or json file with any of the settings below; flags override it")
+    return parser
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
-    values: dict[str, Any] = {}
-    config_file = args.pop("config", None)
+    """Defaults, then the --config file, then command-line flags; every value checked, or ConfigError."""
+    parser = build_parser()
+    config_file = parser.parse_known_args(argv)[0].config
     if config_file:
-        values.update(load_config_file(config_file))
-    values.update(args)
-    cfg = TrainConfig(**values)
-    validate(cfg)
+        parser.set_defaults(**load_config_file(config_file))
+    try:
+        cfg, _ = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    except ValueError as err:  # HfArgumentParser's words for arguments no field took
+        unknown = str(err).split(": ", 1)[-1]
+        raise ConfigError(f"unknown command-line arguments {unknown} (see --help)") from None
+    for f in fields(TrainConfig):
+        check_value(f.name, getattr(cfg, f.name), "--" + f.name)
     return cfg

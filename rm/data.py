@@ -1,180 +1,87 @@
-"""Reading preference data: files or hub data sets in four real layouts, into one normalised record.
+"""Reading preference data: one reader for every source, one bad-record policy, the train/eval split.
 
-Every record becomes a `Pair`: the prompt as chat messages, the chosen and rejected responses as text, and an
-optional margin. The layout is detected once per file from its first record; every record is then checked
-against it, and anything else raises `DataError` naming the file, line (or row) and field.
+Sources: a .jsonl/.json/.parquet file (suffix in any case), a directory of them (hidden folders and files skipped,
+symlinked folders followed), or a datasets hub name ('owner/name'). `.txt` files (one text per line) are read for
+rm.score. JSON lines are split on '\\n' only: a JSON string may hold U+2028 or U+0085, which str.splitlines() would
+cut. A UTF-8 byte-order mark is accepted. Each record becomes a `Pair` through rm/layouts.py (layout detected per
+file from its first record); a bad record raises `DataError` naming file:line and field, or, with
+`skip_bad=True`, is dropped and counted. Train, validate and score all read through `read_pairs`.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
-from dataclasses import dataclass, field
+import os
+import random
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from rm.config import ConfigError, TrainConfig
+from rm.layouts import DataError, Pair, check_pair, detect_layout
+
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-         "observation": "tool", "tool": "tool", "function_call": "assistant"}
+EMBEDDED_TRAIN = "data/sample/train.jsonl"  # TrainConfig's default train_file_dir, found from any directory
+EMBEDDED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
+NO_EVALUATION = "none"  # validation_file_dir value that turns evaluation off
+SHOWN_BAD_RECORDS = 5
+HELD_OUT_FRACTION = 0.05  # of the train data, when no eval data is given; max_eval_samples caps it
+
+Record = tuple[str, Any]  # (location "file:line", the parsed record or the DataError that stopped it)
+Log = Callable[[str], None]
 
 
-class DataError(ValueError):
-    """A record or file cannot be read as preference data."""
-
-    def __init__(self, where: str, message: str) -> None:
-        super().__init__(f"{where}: {message}")
-        self.where = where
-
-
-@dataclass
-class Pair:
-    prompt: list[dict[str, str]]
-    chosen: str
-    rejected: str
-    margin: float = 0.0
-    tools: list | None = None  # tool definitions, handed to the chat template
-    source: str = field(default="", compare=False)  # "file:line", for messages
-
-
-# --------------------------------------------------------------------------------------------- field checks
-def _text(record: dict, key: str, where: str) -> str:
-    if key not in record:
-        raise DataError(where, f"missing field {key!r}")
-    value = record[key]
-    if not isinstance(value, str):
-        raise DataError(where, f"field {key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(where, f"field {key!r} is empty")
-    return value
+# --------------------------------------------------------------------------------------------- sources
+def data_files(location: str) -> list[Path]:
+    """The data files at `location`: the file itself, or every data file under the directory, sorted."""
+    path = Path(location)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(str(path), "no such file or directory")
+    files, seen = [], set()
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink loop
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .ipynb_checkpoints, .git: not data
+        files += [Path(root) / n for n in sorted(names)
+                  if not n.startswith(".") and Path(n).suffix.lower() in DATA_SUFFIXES]
+    if not files:
+        raise DataError(str(path), f"no {'/'.join(DATA_SUFFIXES)} files in this directory")
+    return files
 
 
-def _sharegpt_turns(turns: Any, key: str, where: str) -> list[dict[str, str]]:
-    """[{from, value}, ...] (ShareGPT) or [{role, content}, ...] (OpenAI) -> [{role, content}, ...]."""
-    if isinstance(turns, dict):
-        turns = [turns]
-    if not isinstance(turns, list) or not turns:
-        raise DataError(where, f"field {key!r} must be a non-empty list of messages")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise DataError(where, f"field {key}[{i}] must be a message object, got {type(turn).__name__}")
-        role_key, text_key = ("from", "value") if "from" in turn else ("role", "content")
-        role = turn.get(role_key)
-        if role not in ROLES:
-            raise DataError(where, f"field {key}[{i}].{role_key} must be one of {sorted(ROLES)}, got {role!r}")
-        messages.append({"role": ROLES[role], "content": _text(turn, text_key, where + f" ({key}[{i}])")})
-    return messages
+def is_hub_name(location: str) -> bool:
+    """'owner/name' that cannot be a local path: no such path, no data suffix, and no local folder 'owner'.
+    A missing local-looking path (data/reward while ./data exists) fails at once instead of asking the hub."""
+    path = Path(location)
+    parts = location.split("/")
+    return (len(parts) == 2 and all(parts) and not path.exists() and not path.suffix
+            and not location.startswith((".", "~")) and not Path(parts[0]).exists())
 
 
-def _margin(record: dict, where: str) -> float:
-    value = record.get("margin", 0.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(where, f"field 'margin' must be a number, got {value!r}")
-    return float(value)
+def _decode(raw: bytes, where: str) -> str | DataError:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return DataError(where, f"invalid UTF-8 at byte {err.start}")
 
 
-def _tools(record: dict, where: str) -> list | None:
-    """Optional `tools`: a list of tool definitions, or that list as a JSON string (MedicalGPT writes both)."""
-    value = record.get("tools")
-    if value in (None, "", []):
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise DataError(where, "field 'tools' is a string but not valid JSON") from None
-    if not isinstance(value, list):
-        raise DataError(where, f"field 'tools' must be a list of tool definitions, got {type(value).__name__}")
-    return value
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        return DataError(where, f"malformed JSON: {err.msg} (column {err.colno})")
+    except RecursionError:
+        return DataError(where, "JSON nested too deeply")
 
 
-def _reply(messages: list[dict[str, str]], key: str, where: str) -> str:
-    if messages[-1]["role"] != "assistant":
-        raise DataError(where, f"field {key!r} must end with an assistant message")
-    return messages[-1]["content"]
-
-
-# --------------------------------------------------------------------------------------------- layouts
-def _medicalgpt(record: dict, where: str) -> Pair:
-    """conversations [{from, value}] + chosen str + rejected str, optional system / tools."""
-    prompt = _sharegpt_turns(record.get("conversations"), "conversations", where)
-    if "system" in record and record["system"]:
-        prompt.insert(0, {"role": "system", "content": _text(record, "system", where)})
-    return Pair(prompt, _text(record, "chosen", where), _text(record, "rejected", where), _margin(record, where),
-                _tools(record, where))
-
-
-def _llamafactory(record: dict, where: str) -> Pair:
-    """conversations [{from, value}] + chosen / rejected as one {from, value} message."""
-    prompt = _sharegpt_turns(record.get("conversations"), "conversations", where)
-    if "system" in record and record["system"]:
-        prompt.insert(0, {"role": "system", "content": _text(record, "system", where)})
-    chosen = _reply(_sharegpt_turns(record.get("chosen"), "chosen", where), "chosen", where)
-    rejected = _reply(_sharegpt_turns(record.get("rejected"), "rejected", where), "rejected", where)
-    return Pair(prompt, chosen, rejected, _margin(record, where))
-
-
-def _medicalgpt_legacy(record: dict, where: str) -> Pair:
-    """question + response_chosen + response_rejected, optional system and history [[q, a], ...]."""
-    prompt = []
-    if record.get("system"):
-        prompt.append({"role": "system", "content": _text(record, "system", where)})
-    history = record.get("history") or []
-    if not isinstance(history, list):
-        raise DataError(where, "field 'history' must be a list of [question, answer] pairs")
-    for i, turn in enumerate(history):
-        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
-            raise DataError(where, f"field history[{i}] must be a [question, answer] pair of strings")
-        prompt += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
-    prompt.append({"role": "user", "content": _text(record, "question", where)})
-    return Pair(prompt, _text(record, "response_chosen", where), _text(record, "response_rejected", where),
-                _margin(record, where))
-
-
-def _trl(record: dict, where: str) -> Pair:
-    """prompt + chosen + rejected (strings or message lists), or chosen / rejected as whole conversations."""
-    def side(key: str) -> tuple[list[dict[str, str]], str]:
-        value = record.get(key)
-        if isinstance(value, str):
-            return [], _text(record, key, where)
-        messages = _sharegpt_turns(value, key, where)
-        return messages[:-1], _reply(messages, key, where)
-
-    (chosen_context, chosen), (rejected_context, rejected) = side("chosen"), side("rejected")
-    if "prompt" in record:
-        prompt_value = record["prompt"]
-        prompt = ([{"role": "user", "content": _text(record, "prompt", where)}] if isinstance(prompt_value, str)
-                  else _sharegpt_turns(prompt_value, "prompt", where))
-        prompt += chosen_context  # explicit prompt + multi-turn chosen: rare, keep the turns
-    else:
-        if chosen_context != rejected_context:
-            raise DataError(where, "fields 'chosen' and 'rejected' must share every message but the last")
-        if not chosen_context:
-            raise DataError(where, "missing field 'prompt' (or conversations in 'chosen' / 'rejected')")
-        prompt = chosen_context
-    return Pair(prompt, chosen, rejected, _margin(record, where))
-
-
-def detect_layout(record: Any, where: str) -> tuple[str, Callable[[dict, str], Pair]]:
-    if not isinstance(record, dict):
-        raise DataError(where, f"expected a JSON object per record, got {type(record).__name__}")
-    keys = set(record)
-    if {"question", "response_chosen", "response_rejected"} <= keys:
-        return "medicalgpt_legacy", _medicalgpt_legacy
-    if "conversations" in keys and {"chosen", "rejected"} <= keys:
-        if isinstance(record["chosen"], str):
-            return "medicalgpt", _medicalgpt
-        return "llamafactory", _llamafactory
-    if {"chosen", "rejected"} <= keys:
-        return "trl", _trl
-    raise DataError(where, f"unknown layout: fields {sorted(keys)}; expected one of: conversations+chosen+rejected "
-                           "(MedicalGPT / LLaMA-Factory), question+response_chosen+response_rejected, "
-                           "prompt+chosen+rejected or chosen+rejected conversations (TRL)")
-
-
-# --------------------------------------------------------------------------------------------- files
-def _records(path: Path, cache_dir: str | None) -> Iterator[tuple[str, Any]]:
-    """Yields (location, raw record) for one file; location is 'file:line' (jsonl) or 'file:record N'."""
-    if path.suffix == ".parquet":
+def _file_records(path: Path, cache_dir: str | None) -> Iterator[Record]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
         import datasets
 
         table = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
@@ -182,90 +89,145 @@ def _records(path: Path, cache_dir: str | None) -> Iterator[tuple[str, Any]]:
             yield f"{path}:row {i + 1}", row
         return
     raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}", f"invalid UTF-8 at byte {err.start}") from None
-    stripped = text.lstrip()
-    if path.suffix == ".json" and stripped.startswith("["):
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    if suffix == ".json" and raw.lstrip().startswith(b"["):  # one JSON array: it parses whole or not at all
+        text = _decode(raw, str(path))
+        if isinstance(text, DataError):
+            yield str(path), text
+            return
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}", f"malformed JSON: {err.msg}") from None
-        for i, row in enumerate(rows):
-            yield f"{path}:record {i + 1}", row
+            yield f"{path}:{err.lineno}", DataError(f"{path}:{err.lineno}", f"malformed JSON: {err.msg}")
+            return
+        except RecursionError:
+            yield str(path), DataError(str(path), "JSON nested too deeply")
+            return
+        for i, row in enumerate(rows, start=1):
+            yield f"{path}:record {i}", row
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{number}", json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}", f"malformed JSON: {err.msg} (column {err.colno})") from None
+    for number, line in enumerate(raw.split(b"\n"), start=1):  # JSON lines (or .txt lines)
+        where = f"{path}:{number}"
+        text = _decode(line, where)
+        if isinstance(text, DataError):
+            yield where, text
+        elif text.strip():
+            yield where, {"text": text.rstrip("\r")} if suffix == ".txt" else _parse_json(text, where)
 
 
-def data_files(location: str) -> list[Path]:
-    path = Path(location)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
-        if not files:
-            raise DataError(str(path), f"no {'/'.join(DATA_SUFFIXES)} files in this directory")
-        return files
-    raise DataError(str(path), "no such file or directory")
-
-
-def read_file(path: Path, cache_dir: str | None = None) -> tuple[str, list[Pair]]:
-    """All pairs of one file, with the layout detected from its first record."""
-    pairs: list[Pair] = []
-    parse = None
-    layout = ""
-    for where, record in _records(path, cache_dir):
-        if parse is None:
-            layout, parse = detect_layout(record, where)
-        if not isinstance(record, dict):
-            raise DataError(where, f"expected a JSON object, got {type(record).__name__}")
-        pair = parse(record, where)
-        pair.source = where
-        pairs.append(pair)
-    if not pairs:
-        raise DataError(str(path), "file holds no records")
-    return layout, pairs
-
-
-def _read_hub(name: str, split: str, cache_dir: str | None) -> list[Pair]:
+def _hub_records(name: str, split: str, cache_dir: str | None) -> Iterator[Record]:
     import datasets
 
     try:
         table = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
     except Exception as err:  # offline, unknown name, missing split: all mean the same to the user
         raise DataError(name, f"no such file or directory, and not a loadable hub data set ({err})") from None
-    pairs, parse = [], None
-    for i, record in enumerate(table):
-        where = f"{name}[{split}]:row {i + 1}"
-        if parse is None:
-            _, parse = detect_layout(record, where)
-        pair = parse(record, where)
-        pair.source = where
-        pairs.append(pair)
-    return pairs
+    for i, row in enumerate(table):
+        yield f"{name}[{split}]:row {i + 1}", row
 
 
-def is_hub_name(location: str) -> bool:
-    """'owner/name' that is not a local path: read with datasets from the hub."""
-    return not Path(location).exists() and location.count("/") == 1 and not Path(location).suffix
-
-
-def load_pairs(location: str, cache_dir: str | None = None, split: str = "train",
-               log: Callable[[str], None] = print) -> list[Pair]:
-    """Pairs from a file, a directory of files, or (when it is neither) a datasets hub name."""
+def read_records(location: str, split: str = "train", cache_dir: str | None = None) -> Iterator[tuple[str, Iterator[Record]]]:
+    """(source name, its records) for every file at `location`, or for the hub data set it names."""
     if is_hub_name(location):
-        return _read_hub(location, split, cache_dir)
-    pairs = []
+        yield f"{location}[{split}]", _hub_records(location, split, cache_dir)
+        return
     for path in data_files(location):
-        layout, file_pairs = read_file(path, cache_dir)
-        log(f"{path}: {len(file_pairs)} pairs, layout {layout}")
-        pairs += file_pairs
+        yield str(path), _file_records(path, cache_dir)
+
+
+# --------------------------------------------------------------------------------------------- pairs
+def read_pairs(location: str, split: str = "train", cache_dir: str | None = None, skip_bad: bool = False,
+               for_training: bool = True, log: Log = print) -> list[Pair]:
+    """Every pair at `location`. A bad record raises DataError (file:line: field), or with skip_bad is dropped and
+    counted, the first few named. for_training also refuses what training cannot use (rm.layouts.check_pair)."""
+    pairs: list[Pair] = []
+    bad: list[DataError] = []
+    for source, records in read_records(location, split, cache_dir):
+        layout, parse, found = "", None, 0
+        for where, record in records:
+            try:
+                if isinstance(record, DataError):
+                    raise record
+                if parse is None:
+                    layout, parse = detect_layout(record, where)
+                elif not isinstance(record, dict):
+                    raise DataError(where, f"expected a JSON object, got {type(record).__name__}")
+                pair = parse(record, where)
+                pair.source = where
+                if for_training:
+                    check_pair(pair)
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                bad.append(err)
+                continue
+            pairs.append(pair)
+            found += 1
+        if parse is None and not skip_bad:
+            raise DataError(source, "holds no records")
+        log(f"{source}: {found} pairs" + (f", layout {layout}" if layout else ""))
+    if bad:
+        shown = "; ".join(str(err) for err in bad[:SHOWN_BAD_RECORDS])
+        log(f"skip_bad_records: dropped {len(bad)} bad records from {location} (first "
+            f"{min(len(bad), SHOWN_BAD_RECORDS)}: {shown})")
+    if not pairs:
+        raise DataError(location, f"no valid records ({len(bad)} bad records dropped)")
     return pairs
+
+
+def _capped(pairs: list[Pair], cap: int, what: str, setting: str, log: Log) -> list[Pair]:
+    if 0 <= cap < len(pairs):
+        log(f"{what}: using {cap} of {len(pairs)} pairs ({setting}={cap}; -1 uses all)")
+        return pairs[:cap]
+    return pairs
+
+
+def _held_out_split(pairs: list[Pair], cfg: TrainConfig, log: Log) -> tuple[list[Pair], list[Pair] | None]:
+    """A deterministic held-out split of the train data (seeded): HELD_OUT_FRACTION of it, at most
+    max_eval_samples; none when that is zero pairs."""
+    size = int(len(pairs) * HELD_OUT_FRACTION)
+    if cfg.max_eval_samples >= 0:
+        size = min(size, cfg.max_eval_samples)
+    if size == 0:
+        log(f"evaluation: off ({len(pairs)} train pairs are too few to hold {HELD_OUT_FRACTION:.0%} out, or "
+            "max_eval_samples is 0); pass --validation_file_dir to evaluate")
+        return pairs, None
+    held = set(random.Random(cfg.seed).sample(range(len(pairs)), size))
+    log(f"evaluation: {size} pairs held out of the {len(pairs)} pairs of {cfg.train_file_dir} (seed {cfg.seed}; "
+        "--validation_file_dir FILE evaluates on other data, 'none' turns evaluation off)")
+    return ([p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held])
+
+
+def load_training_data(cfg: TrainConfig, log: Log) -> tuple[list[Pair], list[Pair] | None]:
+    """All train and eval pairs, read and checked before the model is built, capped at max_*_samples.
+    Eval data: validation_file_dir; unset, the embedded eval file next to the embedded train file, else a held-out
+    split of the train data; None when evaluation is off."""
+    read = lambda location, split: read_pairs(location, split, cfg.cache_dir, cfg.skip_bad_records, log=log)  # noqa: E731
+    embedded = cfg.train_file_dir == EMBEDDED_TRAIN and not Path(EMBEDDED_TRAIN).exists()
+    train = read(str(EMBEDDED_SAMPLE / "train.jsonl") if embedded else cfg.train_file_dir, "train")
+    evaluation = None
+    if cfg.max_eval_samples == 0 or (cfg.validation_file_dir or "").lower() == NO_EVALUATION:
+        log("evaluation: off (" + ("max_eval_samples=0)" if cfg.max_eval_samples == 0 else
+                                   f"validation_file_dir={NO_EVALUATION})"))
+    elif cfg.validation_file_dir:
+        evaluation = read(cfg.validation_file_dir, "validation")
+        if cfg.max_eval_samples > len(evaluation):
+            raise ConfigError(f"max_eval_samples is {cfg.max_eval_samples} but {cfg.validation_file_dir} holds only "
+                              f"{len(evaluation)} valid pairs; lower it or pass -1 for all")
+    elif cfg.train_file_dir == EMBEDDED_TRAIN:
+        evaluation = read(str(EMBEDDED_SAMPLE / "eval.jsonl"), "validation")
+    else:
+        train, evaluation = _held_out_split(train, cfg, log)
+    if evaluation is not None:
+        evaluation = _capped(evaluation, cfg.max_eval_samples, "eval", "max_eval_samples", log)
+    return _capped(train, cfg.max_train_samples, "train", "max_train_samples", log), evaluation
+
+
+def check_enough_pairs(usable_pairs: int, cfg: TrainConfig, num_processes: int) -> None:
+    """At least one optimizer step's worth of pairs (after tokenization drops identical-after-truncation pairs)."""
+    needed = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes
+    if usable_pairs < needed:
+        raise DataError(cfg.train_file_dir, f"{usable_pairs} usable training pairs, fewer than one optimizer step "
+                        f"takes ({cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
+                        f"accumulation steps x {num_processes} processes = {needed})")

@@ -8,7 +8,9 @@ output_dir/
   metrics.json               final metrics and the logged history
   training_curves.png, eval_reward_histogram.png
   runs/                      tensorboard event files
+  scores/                    rm.score's output when no --output is given
   checkpoint-<step>/         full training state (rm/checkpoint.py), written as .staging-checkpoint-<step>/ first
+  run.lock                   while a run writes here: its pid, host and start time (one run per output_dir)
 """
 
 from __future__ import annotations
@@ -26,14 +28,41 @@ METRICS = "metrics.json"
 CURVES_PLOT = "training_curves.png"
 HISTOGRAM_PLOT = "eval_reward_histogram.png"
 TENSORBOARD_DIR = "runs"
+SCORES_DIR = "scores"  # rm.score's default output folder
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_PREFIX = ".staging-"
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
-DATA_ORDER = "data_order.pt"
+DATA_ORDER = "data_order.json"
+SCHEDULER_STATE = "scheduler.json"
+TRAIN_DATA = "train_data.json"  # size and sha256 of each train data file: a resume on changed data is refused
+MANIFEST = "manifest.json"  # size and sha256 of every file of a checkpoint, checked at resume
+RUN_LOCK = "run.lock"  # pid, host and start time of the run writing into output_dir
+
+# What a run writes into output_dir besides checkpoints: --overwrite_output_dir removes these (and checkpoints).
+RUN_OUTPUTS = (MODEL_DIR, ADAPTER_DIR, TRAINING_CONFIG, RUN_INFO, METRICS, CURVES_PLOT, HISTOGRAM_PLOT,
+               TENSORBOARD_DIR, SCORES_DIR)
 
 FILE_MODE = 0o644  # readable by the people and jobs that load the model, whatever the umask
+DIR_MODE = 0o755
+
+
+def check_writable(output_dir: str) -> None:
+    """Refuse, before any training, an output_dir that is a file, sits under a file, or cannot be created or
+    written; nothing is created here."""
+    from rm.config import ConfigError
+
+    path = os.path.abspath(output_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"sits under {existing}, which is a file"
+        raise ConfigError(f"output_dir {output_dir!r} {where}; choose a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise ConfigError(f"output_dir {output_dir!r} {what}")
 
 
 def write_json(path: str, data: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Iterable
@@ -12,13 +13,48 @@ from accelerate.utils import InitProcessGroupKwargs
 from transformers import get_scheduler
 
 from rm.config import ConfigError, TrainConfig
+from rm.outputs import RUN_LOCK
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
-    """Refuse to write into a non-empty output_dir unless asked to: nothing already written is overwritten."""
-    if os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir) and not cfg.overwrite_output_dir:
+    """Refuse to write into a non-empty output_dir unless asked to: nothing already written is overwritten. This
+    run's own lock (rm/checkpoint.py hold_output_dir) does not count."""
+    written = [name for name in os.listdir(cfg.output_dir) if name != RUN_LOCK] if os.path.isdir(cfg.output_dir) \
+        else []
+    if written and not cfg.overwrite_output_dir:
         raise ConfigError(f"output_dir {cfg.output_dir!r} exists and is not empty; pass --overwrite_output_dir "
                           "true to write into it, or choose another directory")
+
+
+def check_launch_environment() -> None:
+    """Under a launcher, more processes on this node than GPUs means a yaml/topology mismatch: say so before CUDA
+    fails with an invalid device ordinal."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and local_processes > torch.cuda.device_count():
+        raise ConfigError(f"{local_processes} processes were started on this node but it has "
+                          f"{torch.cuda.device_count()} GPUs: num_processes must be nodes x GPUs per node "
+                          f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')})")
+
+
+def check_accelerator_settings(cfg: TrainConfig, uses_deepspeed: bool) -> None:
+    if cfg.skip_nonfinite_steps and uses_deepspeed:
+        raise ConfigError("skip_nonfinite_steps is not supported under DeepSpeed (it applies the step inside "
+                          "backward, before the gradient norm is known); leave it off: non-finite steps then stop "
+                          "the run, keeping the last good checkpoint")
+
+
+def resolve_mixed_precision(cfg: TrainConfig) -> TrainConfig:
+    """The config with `bf16` as it will run. One source: the flag, or else the launcher (`accelerate launch` passes
+    its yaml's or --mixed_precision's choice as ACCELERATE_MIXED_PRECISION); both set and disagreeing is refused."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher == "fp16" or (launcher or "no") not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"the accelerate launcher asks for mixed_precision {launcher!r}; this trainer runs 'bf16' "
+                          "or 'no': set it in the accelerate yaml or with accelerate launch --mixed_precision")
+    launcher_bf16 = None if launcher is None else launcher == "bf16"
+    if cfg.bf16 is not None and launcher_bf16 is not None and cfg.bf16 != launcher_bf16:
+        raise ConfigError(f"--bf16 {str(cfg.bf16).lower()} disagrees with the accelerate launcher's mixed_precision "
+                          f"{launcher!r}: set it in one place (leave --bf16 unset to follow the launcher)")
+    return dataclasses.replace(cfg, bf16=bool(cfg.bf16 if cfg.bf16 is not None else launcher_bf16))
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -30,7 +66,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision="bf16" if cfg.bf16 else None,
+        mixed_precision="bf16" if cfg.bf16 else "no",  # resolved by resolve_mixed_precision
         log_with=trackers,
         project_dir=cfg.output_dir,
         kwargs_handlers=handlers,
@@ -47,6 +83,17 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # the packed loader has no batch_size
             ds_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
     return accelerator
+
+
+def describe_run(accelerator: Accelerator) -> str:
+    """One line saying what runs: processes, distribution, precision, device."""
+    processes = accelerator.num_processes
+    stage = zero_stage(accelerator)
+    how = (f"DeepSpeed ZeRO-{stage}" if stage else "no DeepSpeed" if processes > 1 else "single process")
+    if processes > 1 and not stage:
+        how += f", {accelerator.distributed_type.value}"
+    precision = "bf16 mixed precision" if accelerator.mixed_precision == "bf16" else "fp32"
+    return f"run: {processes} process{'es' if processes > 1 else ''}, {how}, {precision}, device {accelerator.device}"
 
 
 def uses_deepspeed(accelerator: Accelerator) -> bool:

@@ -83,13 +83,13 @@ def eval_rewards_of_export(model_dir, pairs: int, eval_file=ROOT / "data/sample/
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from rm.data import load_pairs
+    from rm.data import read_pairs
     from rm.encoding import PairCollator, PairEncoder, encode_pairs
     from rm.model import RewardModel, load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
-    encoded = encode_pairs(load_pairs(str(eval_file), log=lambda m: None)[:pairs], PairEncoder(tokenizer, 1024, 256),
+    encoded = encode_pairs(read_pairs(str(eval_file), log=lambda m: None)[:pairs], PairEncoder(tokenizer, 1024, 256),
                            show_progress=False, log=lambda m: None)
     batch = PairCollator(tokenizer.pad_token_id)(list(encoded))
     with torch.no_grad():

@@ -1,4 +1,6 @@
 import json
+import math
+from dataclasses import fields
 
 import pytest
 
@@ -24,16 +26,29 @@ def test_file_then_flags_win(tmp_path):
     assert (cfg.learning_rate, cfg.use_peft, cfg.lora_rank, cfg.bf16) == (1e-4, False, 16, True)
 
 
-def test_json_config_and_bool_spellings(tmp_path):
+def test_json_config_and_flag_bool_spellings(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"use_peft": "no", "max_steps": 5}))
-    cfg = parse_config(["--config", str(path), "--gradient_checkpointing", "false"])
-    assert (cfg.use_peft, cfg.max_steps, cfg.gradient_checkpointing) == (False, 5, False)
+    path.write_text(json.dumps({"use_peft": False, "max_steps": 5}))
+    cfg = parse_config(["--config", str(path), "--gradient_checkpointing", "no", "--packing", "0"])
+    assert (cfg.use_peft, cfg.max_steps, cfg.gradient_checkpointing, cfg.packing) == (False, 5, False, False)
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in fields(TrainConfig):
+        assert f"--{f.name}" in text
+    assert "(default: 2e-05)" in text and "(default: Qwen/Qwen3-0.6B)" in text
 
 
 @pytest.mark.parametrize("text, message", [
     ("learning_rat: 1\n", "unknown setting 'learning_rat'"),
     ("lora_rank: eight\n", "setting 'lora_rank' must be int"),
+    ("use_peft: 1\n", "setting 'use_peft' must be true or false"),
+    ("max_source_length: null\n", "setting 'max_source_length' must not be null"),
+    ("learning_rate: .nan\n", "setting 'learning_rate' must be > 0"),
+    ("lr_scheduler_type: step\n", "must be one of linear, cosine"),
     ("- a\n", "expected a mapping"),
     ("a: [\n", "not valid yaml"),
 ])
@@ -45,8 +60,51 @@ def test_bad_config_file_names_the_file_and_setting(tmp_path, text, message):
     assert message in str(err.value)
 
 
-def test_invalid_values_are_refused():
-    with pytest.raises(ConfigError, match="gradient_accumulation_steps must be > 0"):
-        parse_config(["--gradient_accumulation_steps", "0"])
-    with pytest.raises(ConfigError, match="lr_scheduler_type"):
-        parse_config(["--lr_scheduler_type", "step"])
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"--config .*nope\.yaml: cannot read it"):
+        parse_config(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_unknown_flag_is_refused():
+    with pytest.raises(ConfigError, match="unknown command-line arguments.*--learning_rat"):
+        parse_config(["--learning_rat", "1"])
+
+
+# One bad value per field (a value of the right type but out of range where the field has a range, else one of the
+# wrong type). The test below fails when a field is added without an entry here, so every setting stays checked.
+BAD_VALUES = {
+    "model_name_or_path": "  ", "tokenizer_name_or_path": "", "use_peft": "maybe", "lora_rank": 0,
+    "lora_alpha": -1.0, "lora_dropout": 1.0, "target_modules": "q_proj,,v_proj", "gradient_checkpointing": 2,
+    "bf16": "sometimes", "train_file_dir": "", "validation_file_dir": " ", "cache_dir": "",
+    "max_source_length": 0, "max_target_length": -5, "max_train_samples": 0, "max_eval_samples": -2,
+    "per_device_train_batch_size": 0, "per_device_eval_batch_size": 0, "gradient_accumulation_steps": 0,
+    "packing": "fast", "max_tokens_per_micro_batch": 0, "torch_compile": "auto", "num_train_epochs": math.nan,
+    "max_steps": 0, "learning_rate": 0.0, "weight_decay": -0.1, "warmup_ratio": 1.0,
+    "lr_scheduler_type": "step", "max_grad_norm": -1.0, "center_rewards_coefficient": math.inf, "seed": -1,
+    "output_dir": "", "overwrite_output_dir": "please", "logging_steps": 0, "eval_steps": 0, "save_steps": 0,
+    "save_total_limit": -1, "resume_from_checkpoint": "", "skip_bad_records": "yes please",
+    "skip_nonfinite_steps": 3, "report_to": "stdout",
+}
+
+
+def test_every_field_has_a_bad_value_below():
+    assert sorted(BAD_VALUES) == sorted(f.name for f in fields(TrainConfig)), "add the new field to BAD_VALUES"
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_every_field_refuses_a_bad_value_from_a_file(tmp_path, name):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({name: BAD_VALUES[name]}, allow_nan=True))
+    with pytest.raises(ConfigError, match=f"{str(path).replace('.', '[.]')}: setting '{name}'"):
+        parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_every_field_refuses_a_bad_value_from_the_command_line(name):
+    value = BAD_VALUES[name]
+    with pytest.raises((ConfigError, SystemExit)) as err:
+        parse_config([f"--{name}", str(value)])
+    if err.type is ConfigError:
+        assert f"--{name}: setting '{name}'" in str(err.value)
+    else:  # argparse's own refusal of a wrong type or choice: usage line, exit 2
+        assert err.value.code == 2

@@ -1,9 +1,21 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
-from rm.data import DataError, load_pairs, read_file
+from rm.data import DataError, data_files, is_hub_name, read_pairs
+from rm.layouts import FLOAT32_MAX
+
+DATA = Path(__file__).resolve().parent / "data"  # small real subsets, sources in tests/data/README.md
+
+
+def read_file(path, **kwargs):
+    """(layout, pairs) of one file, through the one reader the trainer uses."""
+    logged = []
+    pairs = read_pairs(str(path), log=logged.append, **kwargs)
+    layout = logged[-1].split("layout ", 1)[1] if "layout " in logged[-1] else ""
+    return layout, pairs
 
 
 def write_jsonl(path, rows):
@@ -12,23 +24,50 @@ def write_jsonl(path, rows):
 
 
 def test_medicalgpt_layout_from_the_real_file():
-    layout, pairs = read_file(SHARED_DATA / "dpo_zh_500.jsonl")
-    assert layout == "medicalgpt" and len(pairs) == 500
+    layout, pairs = read_file(DATA / "dpo_zh_20.jsonl")
+    assert layout == "medicalgpt" and len(pairs) == 20
     assert pairs[0].prompt[-1]["role"] == "user" and pairs[0].chosen and pairs[0].rejected
-    assert pairs[0].source.endswith("dpo_zh_500.jsonl:1")
+    assert pairs[0].source.endswith("dpo_zh_20.jsonl:1")
 
 
 def test_llamafactory_layout_from_the_real_file():
-    layout, pairs = read_file(SHARED_DATA / "dpo_en_demo.json")
-    assert layout == "llamafactory" and len(pairs) == 300
+    layout, pairs = read_file(DATA / "dpo_en_demo_10.json")
+    assert layout == "llamafactory" and len(pairs) == 10
     assert pairs[0].chosen.startswith("That sounds like a fun")
-    assert pairs[0].source.endswith("dpo_en_demo.json:record 1")
+    assert pairs[0].source.endswith("dpo_en_demo_10.json:record 1")
 
 
 def test_trl_layout_from_the_real_file():
-    layout, pairs = read_file(SHARED_DATA / "sentiment_pairs_en.jsonl")
-    assert layout == "trl" and len(pairs) == 4575
+    layout, pairs = read_file(DATA / "sentiment_pairs_30.jsonl")
+    assert layout == "trl" and len(pairs) == 30
     assert pairs[0].prompt == [{"role": "user", "content": "Write a one-sentence movie review."}]
+
+
+def test_hh_rlhf_transcripts_from_the_real_file_have_an_implicit_prompt():
+    layout, pairs = read_file(DATA / "hh_harmless_27.jsonl", for_training=False)
+    assert layout == "hh-rlhf (implicit prompt)" and len(pairs) == 27
+    first = json.loads((DATA / "hh_harmless_27.jsonl").read_text().splitlines()[0])
+    pair = pairs[0]
+    assert pair.prompt[0]["role"] == "user" and pair.prompt[-1]["role"] == "user"
+    assert [m["role"] for m in pair.prompt] == ["user", "assistant"] * (len(pair.prompt) // 2) + ["user"]
+    assert first["chosen"].endswith(pair.chosen) and first["rejected"].endswith(pair.rejected)
+    assert "Human:" not in pair.prompt[0]["content"] and pair.chosen != pair.rejected
+    assert pairs[24].chosen == "" and pairs[24].rejected  # record 87: an empty chosen reply, kept for scoring
+    assert "Human:" in pairs[25].chosen  # record 1255: the reply itself holds a 'Human:' line, kept as written
+
+
+def test_training_refuses_an_empty_reply_with_the_skip_hint_and_skips_it_when_asked():
+    with pytest.raises(DataError, match=r"hh_harmless_27.jsonl:25: field 'chosen' is empty.*--skip_bad_records"):
+        read_file(DATA / "hh_harmless_27.jsonl")
+    _, pairs = read_file(DATA / "hh_harmless_27.jsonl", skip_bad=True)
+    assert len(pairs) == 26
+
+
+def test_prompt_less_pairs_are_read(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"chosen": "a tidy room", "rejected": "a mess"},
+                                           {"prompt": "", "chosen": "x", "rejected": "y"}])
+    _, pairs = read_file(f)
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [([], "a tidy room", "a mess"), ([], "x", "y")]
 
 
 def test_medicalgpt_legacy_layout_with_system_and_history(tmp_path):
@@ -70,7 +109,7 @@ def test_directory_reads_every_file_with_its_own_layout(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     write_jsonl(tmp_path / "b.jsonl", [{"question": "q", "response_chosen": "a", "response_rejected": "b"}])
     (tmp_path / "notes.txt").write_text("ignored")
-    assert len(load_pairs(str(tmp_path), log=lambda m: None)) == 2
+    assert len(read_pairs(str(tmp_path), log=lambda m: None)) == 2
 
 
 GOOD = {"conversations": [{"from": "human", "value": "q"}], "chosen": "a", "rejected": "b"}
@@ -78,6 +117,9 @@ GOOD = {"conversations": [{"from": "human", "value": "q"}], "chosen": "a", "reje
 
 @pytest.mark.parametrize("bad, message", [
     ({**GOOD, "chosen": ""}, "field 'chosen' is empty"),
+    ({**GOOD, "chosen": "b"}, "'chosen' and 'rejected' are identical"),
+    ({**GOOD, "margin": 10 ** 400}, "field 'margin' must be a finite float32 number"),
+    ({**GOOD, "margin": 1e39}, "field 'margin' must be a finite float32 number"),
     ({k: v for k, v in GOOD.items() if k != "rejected"}, "missing field 'rejected'"),
     ({**GOOD, "rejected": 3}, "field 'rejected' must be a string"),
     ({**GOOD, "conversations": [{"from": "alien", "value": "q"}]}, "conversations[0].from must be one of"),
@@ -119,9 +161,9 @@ def test_invalid_utf8_names_the_line(tmp_path):
 
 def test_empty_directory_and_missing_path(tmp_path):
     with pytest.raises(DataError, match="no .jsonl/.json/.parquet files"):
-        load_pairs(str(tmp_path))
+        read_pairs(str(tmp_path))
     with pytest.raises(DataError, match="no such file"):
-        load_pairs(str(tmp_path / "nope.jsonl"))
+        read_pairs(str(tmp_path / "nope.jsonl"))
 
 
 def test_parquet_file(tmp_path):
@@ -131,3 +173,75 @@ def test_parquet_file(tmp_path):
     datasets.Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b"}]).to_parquet(str(path))
     layout, [pair] = read_file(path, cache_dir=str(tmp_path / "cache"))
     assert layout == "trl" and pair.chosen == "a" and pair.source.endswith("d.parquet:row 1")
+
+
+# ---- reading exactly: what valid files hold is read as written, whatever the mode
+def test_unicode_line_separators_inside_json_strings_stay_in_the_record(tmp_path):
+    f = tmp_path / "d.jsonl"
+    rows = [{**GOOD, "chosen": "line\u2028break"}, {**GOOD, "chosen": "next\x85line"}, GOOD]
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    for skip in (False, True):
+        pairs = read_pairs(str(f), skip_bad=skip, log=lambda m: None)
+        assert [p.chosen for p in pairs] == ["line\u2028break", "next\x85line", "a"]
+        assert [p.source.rsplit(":", 1)[1] for p in pairs] == ["1", "2", "3"]
+
+
+def test_a_bad_line_has_the_same_number_in_strict_and_skip_mode(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({**GOOD, "chosen": "a\u2028b"}, ensure_ascii=False) + "\n\n{oops\n" + json.dumps(GOOD)
+                 + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.jsonl:3: malformed JSON"):
+        read_pairs(str(f), log=lambda m: None)
+    logged = []
+    assert len(read_pairs(str(f), skip_bad=True, log=logged.append)) == 2
+    assert "d.jsonl:3: malformed JSON" in logged[-1]
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode())
+    assert read_pairs(str(f), log=lambda m: None)[0].chosen == "a"
+
+
+def test_deep_nesting_is_a_data_error_naming_the_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(GOOD) + "\n" + "[" * 100000 + "]" * 100000 + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: JSON nested too deeply"):
+        read_pairs(str(f), log=lambda m: None)
+
+
+def test_margin_at_float32s_edge_is_read_and_past_it_refused(tmp_path):
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{**GOOD, "margin": 1e38}])
+    assert read_pairs(str(ok), log=lambda m: None)[0].margin == 1e38 < FLOAT32_MAX
+
+
+def test_directory_walk_skips_hidden_folders_reads_any_suffix_case_and_follows_symlinks(tmp_path):
+    root = tmp_path / "data"
+    (root / ".ipynb_checkpoints").mkdir(parents=True)
+    write_jsonl(root / ".ipynb_checkpoints" / "a-checkpoint.jsonl", [GOOD])
+    write_jsonl(root / "upper.JSONL", [GOOD])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_jsonl(elsewhere / "b.jsonl", [GOOD])
+    os.symlink(elsewhere, root / "linked")
+    os.symlink(root, elsewhere / "loop")  # a cycle must not hang the walk
+    names = [p.name for p in data_files(str(root))]
+    assert sorted(names) == ["b.jsonl", "upper.JSONL"]
+
+
+def test_a_missing_local_looking_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert not is_hub_name("data/reward") and not is_hub_name("./x/y") and not is_hub_name("a/b.jsonl")
+    assert is_hub_name("Anthropic/hh-rlhf")
+    with pytest.raises(DataError, match="data/reward: no such file or directory"):
+        read_pairs("data/reward", log=lambda m: None)
+
+
+def test_txt_files_are_read_one_text_per_line_for_scoring(tmp_path):
+    from rm.data import read_records
+
+    f = tmp_path / "t.txt"
+    f.write_text("first\n\nsecond\n")
+    [(source, records)] = list(read_records(str(f)))
+    assert [(w.rsplit(":", 1)[1], r) for w, r in records] == [("1", {"text": "first"}), ("3", {"text": "second"})]

@@ -17,9 +17,10 @@ from conftest import ROOT
 from rm.checkpoint import COMPLETE_MARKER, STAGING_PREFIX, complete_checkpoints, latest_checkpoint, rotate_checkpoints
 from rm.config import ConfigError, parse_config
 from rm.guards import EXIT_NONFINITE
-from rm.validate import (accelerate_config_problems, check_accelerator_settings, load_training_data,
-                         master_reachable_problem)
-from rm.validate import main as validate_main
+from rm.cli.validate import accelerate_config_problems, master_reachable_problem
+from rm.cli.validate import main as validate_main
+from rm.data import DataError, load_training_data
+from rm.runtime import check_accelerator_settings, resolve_mixed_precision
 
 BASE = ["--model_name_or_path", "tiny", "--use_peft", "false", "--gradient_checkpointing", "false",
         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--report_to", "none",
@@ -64,8 +65,9 @@ def run_main(capsys):
 
 
 def snapshot(path: Path) -> dict:
-    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")} \
-        if path.exists() else {}
+    """Every file and folder under path: its modification time and, for a file, its bytes."""
+    return {str(p.relative_to(path)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in path.rglob("*")} if path.exists() else {}
 
 
 # ---- data faults: (lines of the train file, expected message pieces); the line number is where the fault is
@@ -77,7 +79,7 @@ DATA_FAULTS = {
     "wrong_type": ([*good_lines(2), record(2, rejected=7), *good_lines(20)], [":3", "'rejected' must be a string"]),
     "wrong_type_margin": ([*good_lines(2), record(2, margin="high")], [":3", "'margin' must be a number"]),
     "non_finite_margin": ([*good_lines(2), '{"conversations": [{"from": "human", "value": "q"}], "chosen": "a", '
-                           '"rejected": "b", "margin": NaN}'], [":3", "'margin' must be a finite number"]),
+                           '"rejected": "b", "margin": NaN}'], [":3", "'margin' must be a finite float32 number"]),
     "unknown_layout": ([{"instruction": "q", "output": "a"}, *good_lines(20)], [":1", "unknown layout"]),
     "chosen_equals_rejected": ([*good_lines(5), record(5, rejected="A good answer 5."), *good_lines(20)],
                                [":6", "'chosen' and 'rejected' are identical"]),
@@ -92,7 +94,7 @@ def test_bad_train_data_stops_before_training_and_writes_nothing(tmp_path, run_m
     lines, expected = DATA_FAULTS[case]
     train_file = write_lines(tmp_path / "data" / "train.jsonl", lines)
     out = tmp_path / "out"
-    code, err = run_main("--train_file_dir", train_file, "--validation_file_dir", "", "--output_dir", out)
+    code, err = run_main("--train_file_dir", train_file, "--validation_file_dir", "none", "--output_dir", out)
     assert code == 2, err
     for piece in expected:
         assert piece in err, (piece, err)
@@ -127,7 +129,7 @@ def test_skip_bad_records_drops_them_and_reports_count_and_first_locations(tmp_p
     lines = [*good_lines(3), '{"broken', record(90, chosen=None), b'{"x": "\xff"}', record(91, rejected="A good answer 91."),
              record(92, rejected=[]), {"instruction": "q"}, "[1, 2]", *good_lines(4)]
     train_file = write_lines(tmp_path / "train.jsonl", lines)
-    cfg = parse_config([*BASE, "--train_file_dir", str(train_file), "--validation_file_dir", "", "--skip_bad_records",
+    cfg = parse_config([*BASE, "--train_file_dir", str(train_file), "--validation_file_dir", "none", "--skip_bad_records",
                         "true", "--output_dir", str(tmp_path / "out")])
     logged = []
     train, evaluation = load_training_data(cfg, logged.append)
@@ -138,7 +140,7 @@ def test_skip_bad_records_drops_them_and_reports_count_and_first_locations(tmp_p
         assert f"{train_file}:{line}:" in report, report
     assert f"{train_file}:9:" not in report
     cfg.skip_bad_records = False
-    with pytest.raises(Exception, match=f"{train_file}:6: invalid UTF-8"):  # strict: the file is decoded first
+    with pytest.raises(DataError, match=f"{train_file}:4: malformed JSON"):  # strict: the same first bad line
         load_training_data(cfg, logged.append)
 
 
@@ -148,29 +150,31 @@ def test_output_dir_of_another_run_is_refused_and_left_as_it_was(tmp_path, run_m
     out = tmp_path / "out"
     checkpoint = out / "checkpoint-4"
     checkpoint.mkdir(parents=True)
-    settings = vars(parse_config([*BASE, "--train_file_dir", str(train_file), "--output_dir", str(out)]))
+    settings = vars(resolve_mixed_precision(parse_config([*BASE, "--train_file_dir", str(train_file),
+                                                          "--output_dir", str(out)])))  # as a run saves it
     (checkpoint / "training_config.json").write_text(json.dumps({**settings, "learning_rate": 0.5}))
     (checkpoint / COMPLETE_MARKER).write_text("{}")
     (out / "notes.txt").write_text("earlier work")
-    before = snapshot(out)
 
-    code, err = run_main("--train_file_dir", train_file, "--output_dir", out)  # a fresh run into it
-    assert code == 2 and "holds checkpoints of a run" in err and "--resume_from_checkpoint latest" in err, err
-    code, err = run_main("--train_file_dir", train_file, "--output_dir", out, "--resume_from_checkpoint", "latest")
-    assert code == 2 and "other settings" in err and "learning_rate: 0.5 -> 2e-05" in err, err
-    (checkpoint / "training_config.json").write_text(json.dumps(settings))
-    (out / "checkpoint-4" / "training_config.json").rename(out / "saved.json")
+    def refused(*args) -> str:
+        """Runs train.py's main; it must exit 2 and leave output_dir exactly as it was (names, bytes, times)."""
+        before = snapshot(out)
+        code, err = run_main("--train_file_dir", train_file, "--output_dir", out, *args)
+        assert code == 2, err
+        assert snapshot(out) == before, "a refused run changed output_dir"
+        return err
+
+    err = refused()  # a fresh run into it
+    assert "holds checkpoints of a run" in err and "--resume_from_checkpoint latest" in err, err
+    err = refused("--resume_from_checkpoint", "latest")
+    assert "other settings" in err and "learning_rate: 0.5 -> 2e-05" in err, err
     other = tmp_path / "other"
     (other / "checkpoint-1").mkdir(parents=True)
     (other / "checkpoint-1" / "training_config.json").write_text(json.dumps(settings))
     (other / "checkpoint-1" / COMPLETE_MARKER).write_text("{}")
-    (out / "saved.json").rename(checkpoint / "training_config.json")
     (checkpoint / "training_config.json").write_text(json.dumps({**settings, "seed": 7}))
-    code, err = run_main("--train_file_dir", train_file, "--output_dir", out, "--resume_from_checkpoint",
-                         other / "checkpoint-1")
-    assert code == 2 and "holds another run" in err, err
-    (checkpoint / "training_config.json").write_text(json.dumps({**settings, "learning_rate": 0.5}))
-    assert snapshot(out).keys() == before.keys()
+    err = refused("--resume_from_checkpoint", other / "checkpoint-1")
+    assert "holds another run" in err, err
 
 
 def test_resume_without_a_complete_checkpoint_is_refused(tmp_path, run_main):
@@ -257,12 +261,14 @@ def test_unreachable_master_is_a_clear_timeout_not_a_hang(capsys):
         assert master_reachable_problem("127.0.0.1", listener.getsockname()[1], 3) is None
 
 
-def test_bad_arguments(tmp_path):
-    for args, message in ((["--save_total_limit", "-1"], "save_total_limit"),
-                          (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
-                          (["--learning_rate", "fast"], "learning_rate")):
-        with pytest.raises((ConfigError, SystemExit)):
+def test_bad_arguments(capsys):
+    for args, name in ((["--save_total_limit", "-1"], "save_total_limit"),
+                       (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+                       (["--learning_rate", "fast"], "learning_rate")):
+        with pytest.raises((ConfigError, SystemExit)) as raised:
             parse_config(args)
+        message = str(raised.value) if raised.type is ConfigError else capsys.readouterr().err  # argparse prints
+        assert name in message and args[1] in message, (args, message)
     cfg = parse_config(["--skip_nonfinite_steps", "true"])
     with pytest.raises(ConfigError, match="not supported under DeepSpeed"):
         check_accelerator_settings(cfg, uses_deepspeed=True)

@@ -17,7 +17,7 @@ from test_checkpoint_resume import assert_same_curve, kill_every_process_of, sta
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-RUN = ["--train_file_dir", "data/sample/train.jsonl", "--validation_file_dir", "", "--use_peft", "false",
+RUN = ["--train_file_dir", "data/sample/train.jsonl", "--validation_file_dir", "none", "--use_peft", "false",
        "--bf16", "true", "--max_steps", 12, "--save_steps", 4, "--save_total_limit", 1, "--logging_steps", 1,
        "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2, "--learning_rate", 1e-5,
        "--report_to", "none"]

@@ -1,0 +1,234 @@
+"""Preference-data layouts: one raw record (a JSON object) into one normalised `Pair`.
+
+A `Pair` holds the prompt as chat messages (empty for prompt-less pairs), the chosen and rejected responses as text,
+and an optional margin. Layouts: MedicalGPT (conversations + chosen/rejected strings, or the legacy
+question/response_chosen/response_rejected), LLaMA-Factory (conversations + chosen/rejected messages), TRL (prompt +
+chosen + rejected, strings or messages; or whole conversations sharing every turn but the last), Anthropic HH-RLHF
+(chosen/rejected whole transcripts, the prompt implicit) and prompt-less pairs. Anything else raises `DataError`
+naming the record's location and field. rm/data.py finds the records; `check_pair` says what training refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+         "observation": "tool", "tool": "tool", "function_call": "assistant"}
+
+
+class DataError(ValueError):
+    """A record or file cannot be read as preference data."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where = where
+
+
+@dataclass
+class Pair:
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+    tools: list | None = None  # tool definitions, handed to the chat template
+    source: str = field(default="", compare=False)  # "file:line", for messages
+
+
+# --------------------------------------------------------------------------------------------- field checks
+def _text(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    """A string field; responses may be empty here (scoring ranks them; `check_pair` refuses them for training)."""
+    if key not in record:
+        raise DataError(where, f"missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(where, f"field {key!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(where, f"field {key!r} is empty")
+    return value
+
+
+def _response(record: dict, key: str, where: str) -> str:
+    return _text(record, key, where, allow_empty=True)
+
+
+def _sharegpt_turns(turns: Any, key: str, where: str) -> list[dict[str, str]]:
+    """[{from, value}, ...] (ShareGPT) or [{role, content}, ...] (OpenAI) -> [{role, content}, ...]."""
+    if isinstance(turns, dict):
+        turns = [turns]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(where, f"field {key!r} must be a non-empty list of messages")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(where, f"field {key}[{i}] must be a message object, got {type(turn).__name__}")
+        role_key, text_key = ("from", "value") if "from" in turn else ("role", "content")
+        role = turn.get(role_key)
+        if role not in ROLES:
+            raise DataError(where, f"field {key}[{i}].{role_key} must be one of {sorted(ROLES)}, got {role!r}")
+        last_reply = key in ("chosen", "rejected") and i == len(turns) - 1
+        content = _text(turn, text_key, where + f" ({key}[{i}])", allow_empty=last_reply)
+        messages.append({"role": ROLES[role], "content": content})
+    return messages
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _margin(record: dict, where: str) -> float:
+    """A number the float32 loss can hold: huge integers and values past float32's range are refused here, not
+    turned into inf after a step."""
+    value = record.get("margin", 0.0)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(where, f"field 'margin' must be a number, got {str(value)[:40]!r}")
+    try:
+        margin = float(value)
+    except OverflowError:
+        margin = math.inf
+    if not math.isfinite(margin) or abs(margin) > FLOAT32_MAX:
+        raise DataError(where, f"field 'margin' must be a finite float32 number, got {str(value)[:40]}")
+    return margin
+
+
+def _tools(record: dict, where: str) -> list | None:
+    """Optional `tools`: a list of tool definitions, or that list as a JSON string (MedicalGPT writes both)."""
+    value = record.get("tools")
+    if value in (None, "", []):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(where, "field 'tools' is a string but not valid JSON") from None
+    if not isinstance(value, list):
+        raise DataError(where, f"field 'tools' must be a list of tool definitions, got {type(value).__name__}")
+    return value
+
+
+def _reply(messages: list[dict[str, str]], key: str, where: str) -> str:
+    if messages[-1]["role"] != "assistant":
+        raise DataError(where, f"field {key!r} must end with an assistant message")
+    return messages[-1]["content"]
+
+
+# --------------------------------------------------------------------------------------------- layouts
+def _medicalgpt(record: dict, where: str) -> Pair:
+    """conversations [{from, value}] + chosen str + rejected str, optional system / tools."""
+    prompt = _sharegpt_turns(record.get("conversations"), "conversations", where)
+    if "system" in record and record["system"]:
+        prompt.insert(0, {"role": "system", "content": _text(record, "system", where)})
+    return Pair(prompt, _response(record, "chosen", where), _response(record, "rejected", where),
+                _margin(record, where), _tools(record, where))
+
+
+def _llamafactory(record: dict, where: str) -> Pair:
+    """conversations [{from, value}] + chosen / rejected as one {from, value} message."""
+    prompt = _sharegpt_turns(record.get("conversations"), "conversations", where)
+    if "system" in record and record["system"]:
+        prompt.insert(0, {"role": "system", "content": _text(record, "system", where)})
+    chosen = _reply(_sharegpt_turns(record.get("chosen"), "chosen", where), "chosen", where)
+    rejected = _reply(_sharegpt_turns(record.get("rejected"), "rejected", where), "rejected", where)
+    return Pair(prompt, chosen, rejected, _margin(record, where))
+
+
+def _medicalgpt_legacy(record: dict, where: str) -> Pair:
+    """question + response_chosen + response_rejected, optional system and history [[q, a], ...]."""
+    prompt = []
+    if record.get("system"):
+        prompt.append({"role": "system", "content": _text(record, "system", where)})
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise DataError(where, "field 'history' must be a list of [question, answer] pairs")
+    for i, turn in enumerate(history):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise DataError(where, f"field history[{i}] must be a [question, answer] pair of strings")
+        prompt += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    prompt.append({"role": "user", "content": _text(record, "question", where)})
+    return Pair(prompt, _response(record, "response_chosen", where), _response(record, "response_rejected", where),
+                _margin(record, where))
+
+
+HH_USER, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def is_hh_transcript(text: Any) -> bool:
+    return isinstance(text, str) and HH_USER in text and HH_ASSISTANT in text
+
+
+def _hh_implicit_prompt(chosen: str, rejected: str, where: str) -> tuple[list[dict[str, str]], str, str]:
+    """Anthropic HH-RLHF: chosen and rejected are whole transcripts sharing every turn but the last reply. The prompt
+    is their common start up to the last `\n\nAssistant:` inside it; the replies are what follows it."""
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise DataError(where, "fields 'chosen' and 'rejected' are HH-RLHF transcripts that share no turn up to an "
+                               "'Assistant:' reply")
+    parts = HH_TURN.split(chosen[:cut])  # ['', 'Human', text, 'Assistant', text, ...]
+    if parts[0].strip() or len(parts) < 3 or parts[-2] != "Human":
+        raise DataError(where, "field 'chosen': an HH-RLHF transcript must start with 'Human:' and end its shared "
+                               "part with a 'Human:' turn")
+    prompt = [{"role": "user" if role == "Human" else "assistant", "content": text.strip()}
+              for role, text in zip(parts[1::2], parts[2::2])]
+    start = cut + len(HH_ASSISTANT)
+    return prompt, chosen[start:].strip(), rejected[start:].strip()
+
+
+def _trl(record: dict, where: str) -> Pair:
+    """prompt + chosen + rejected (strings or message lists); without a prompt: conversations sharing every message
+    but the last, HH-RLHF transcripts (implicit prompt), or two bare texts (a prompt-less pair)."""
+    def side(key: str) -> tuple[list[dict[str, str]], str]:
+        value = record.get(key)
+        if isinstance(value, str):
+            return [], _response(record, key, where)
+        messages = _sharegpt_turns(value, key, where)
+        return messages[:-1], _reply(messages, key, where)
+
+    (chosen_context, chosen), (rejected_context, rejected) = side("chosen"), side("rejected")
+    prompt_value = record.get("prompt")
+    if prompt_value not in (None, "", []):
+        prompt = ([{"role": "user", "content": _text(record, "prompt", where)}] if isinstance(prompt_value, str)
+                  else _sharegpt_turns(prompt_value, "prompt", where))
+        prompt += chosen_context  # explicit prompt + multi-turn chosen: rare, keep the turns
+    elif is_hh_transcript(chosen) and is_hh_transcript(rejected):
+        prompt, chosen, rejected = _hh_implicit_prompt(chosen, rejected, where)
+    else:
+        if chosen_context != rejected_context:
+            raise DataError(where, "fields 'chosen' and 'rejected' must share every message but the last")
+        prompt = chosen_context  # may be empty: a prompt-less pair
+    return Pair(prompt, chosen, rejected, _margin(record, where))
+
+
+def check_pair(pair: Pair) -> None:
+    """What a layout may hold but training cannot use (scoring still reads such records)."""
+    for side in ("chosen", "rejected"):
+        if not getattr(pair, side).strip():
+            raise DataError(pair.source, f"field {side!r} is empty: nothing to rank for training (pass "
+                                         "--skip_bad_records true to drop such pairs)")
+    if pair.chosen.strip() == pair.rejected.strip():
+        raise DataError(pair.source, "fields 'chosen' and 'rejected' are identical: the pair states no preference")
+
+
+def detect_layout(record: Any, where: str) -> tuple[str, Callable[[dict, str], Pair]]:
+    if not isinstance(record, dict):
+        raise DataError(where, f"expected a JSON object per record, got {type(record).__name__}")
+    keys = set(record)
+    if {"question", "response_chosen", "response_rejected"} <= keys:
+        return "medicalgpt_legacy", _medicalgpt_legacy
+    if "conversations" in keys and {"chosen", "rejected"} <= keys:
+        if isinstance(record["chosen"], str):
+            return "medicalgpt", _medicalgpt
+        return "llamafactory", _llamafactory
+    if {"chosen", "rejected"} <= keys:
+        implicit = not record.get("prompt") and is_hh_transcript(record["chosen"])
+        return ("hh-rlhf (implicit prompt)" if implicit else "trl"), _trl
+    raise DataError(where, f"unknown layout: fields {sorted(keys)}; expected one of: conversations+chosen+rejected "
+                           "(MedicalGPT / LLaMA-Factory), question+response_chosen+response_rejected, "
+                           "prompt+chosen+rejected, chosen+rejected conversations or texts (TRL, HH-RLHF)")

@@ -1,0 +1,96 @@
+"""The loop's bookkeeping, kept out of its body: where it is in the data, and the metrics between two log lines."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from rm.checkpoint import Position
+from rm.loss import pair_statistics
+from rm.runtime import peak_memory_gb
+
+
+class DataPosition:
+    """Every epoch's micro-batches in order, resuming mid-epoch from a checkpoint's Position, and the Position after
+    any optimizer step (for the next checkpoint).
+
+    Each epoch is shuffled by the loader's seeded generator; its state at the epoch's start is what a checkpoint
+    keeps, and skip_first_batches then skips the micro-batches already trained (it counts micro-batches, GA
+    included). Placeholders of the packed path count as micro-batches too (rm/batching.py)."""
+
+    def __init__(self, accelerator: Accelerator, loader: DataLoader, start: Position, total_steps: int,
+                 epochs: int) -> None:
+        self.accelerator = accelerator
+        self.loader = loader
+        self.start = start
+        self.total_steps = total_steps
+        self.epochs = epochs
+        self.generator: torch.Generator = loader.generator
+        self.epoch = start.epoch
+        self.micro_batches = 0  # of the current epoch, consumed
+        self._epoch_start_state = start.epoch_generator_state
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.start.global_step >= self.total_steps:  # resumed from the last step's checkpoint: nothing left
+            return
+        for epoch in range(self.start.epoch, self.epochs):
+            self.epoch, loader, self.micro_batches = epoch, self.loader, 0
+            if epoch == self.start.epoch and self.start.epoch_generator_state is not None:  # resuming mid-run
+                self.generator.set_state(self.start.epoch_generator_state)
+                self.micro_batches = self.start.micro_batches_in_epoch
+                if self.micro_batches:
+                    loader = self.accelerator.skip_first_batches(self.loader, self.micro_batches)
+            self._epoch_start_state = self.generator.get_state()
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            for batch in loader:
+                self.micro_batches += 1
+                yield batch
+
+    def after_step(self, global_step: int, history: list[dict[str, Any]]) -> Position:
+        """The position after optimizer step `global_step`; at an epoch's end, the start of the next one (whose
+        shuffle continues from the generator's state now, as an uninterrupted run's does)."""
+        if self.micro_batches >= len(self.loader):
+            return Position(global_step, self.epoch + 1, 0, list(history), self.generator.get_state())
+        return Position(global_step, self.epoch, self.micro_batches, list(history), self._epoch_start_state)
+
+
+class MetricsWindow:
+    """Train metrics summed on the device between two log lines (no host sync per step); summed over processes and
+    turned into means and rates only when logged."""
+
+    KEYS = ("loss", "micro", "pairs", "correct", "margin", "tokens")
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.sums = {k: torch.zeros((), device=accelerator.device) for k in self.KEYS}
+        self.started = time.perf_counter()
+
+    def add(self, batch: dict[str, Any], loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        for key, value in pair_statistics(chosen, rejected).items():
+            self.sums[key] += value
+        self.sums["loss"] += loss.detach().float()
+        self.sums["micro"] += batch.get("micro_batches", 1)  # plain micro-batches a packed one stands for
+        self.sums["tokens"] += batch["num_tokens"]
+
+    def collect(self, **extra: float) -> dict[str, float]:
+        """Collective (every rank): the window's metrics, then a fresh window."""
+        totals = {k: self.accelerator.reduce(v.clone(), reduction="sum").item() for k, v in self.sums.items()}
+        elapsed = time.perf_counter() - self.started
+        metrics = {
+            "train/loss": totals["loss"] / totals["micro"],
+            "train/accuracy": totals["correct"] / totals["pairs"],
+            "train/margin": totals["margin"] / totals["pairs"],
+            **{f"train/{k}": v for k, v in extra.items()},
+            "train/tokens_per_s": totals["tokens"] / elapsed,
+            "train/pairs_per_s": totals["pairs"] / elapsed,
+            "train/peak_memory_gb": peak_memory_gb(self.accelerator),
+        }
+        for value in self.sums.values():
+            value.zero_()
+        self.started = time.perf_counter()
+        return metrics
