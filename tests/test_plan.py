@@ -126,3 +126,29 @@ def test_cli_reads_a_model_folder_and_names_bad_fields(tmp_path, tokenizer, caps
         load_shape(str(tmp_path))
     assert main(["--model", str(tmp_path / "nowhere")]) == 2
     assert "not a preset" in capsys.readouterr().err
+
+
+def test_offload_recommendation_states_host_memory_and_commands_fit_the_topology(capsys):
+    assert main(["--model", "llama-3-70b", "--packing", "false"]) == 0
+    out = capsys.readouterr().out
+    full = next(line for line in out.splitlines() if line.startswith("full fine-tuning:"))
+    host = float(full.split("needs ~")[1].split(" GiB of host memory on every node")[0])
+    assert "zero3_offload.yaml" in full and 1100 < host < 1300  # bf16 weights + fp32 states of 70B over 8 GPUs
+    assert "<rank>" not in out and "<master_addr>" not in out  # one node: nothing to fill in
+    assert "torchrun_multi_node_multi_gpu.sh 3 1 8 localhost 29500" in out
+    assert main(["--model", "llama-3-70b", "--nodes", "2", "--packing", "no"]) == 0
+    two_nodes = capsys.readouterr().out
+    assert "NODE_RANK=<rank>" in two_nodes and "--machine_rank <rank> --main_process_ip <master_addr>" in two_nodes
+
+
+def test_help_shows_defaults_and_packing_parses_booleans(capsys):
+    from rm.cli.plan import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 8)" in help_text and "(default: 16384)" in help_text and "(default: True)" in help_text
+    assert parse_args(["--model", "x", "--packing", "False"]).packing is False
+    assert parse_args(["--model", "x", "--packing"]).packing is True
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "x", "--packing", "maybe"])

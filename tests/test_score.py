@@ -119,3 +119,78 @@ def test_errors_name_the_problem(full_run, tmp_path, capsys):
                        "--output", str(tmp_path / "y.jsonl")]) == 2
     assert "no reward 'mean' / 'std' stored" in capsys.readouterr().err
     assert score_main(["--model", str(tmp_path / "nothing"), "--data", str(EVAL)]) == 2
+
+
+def test_empty_reply_is_scored_and_the_default_output_goes_to_the_output_dir(full_run, tmp_path, monkeypatch):
+    out, _ = full_run
+    data = tmp_path / "empty.jsonl"
+    data.write_text(json.dumps({"prompt": "How was it?", "chosen": "Lovely stay.", "rejected": ""}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert score_main(["--model", str(out), "--data", str(data)]) == 0
+    written = out / "scores" / "empty.scores.jsonl"
+    assert not list(tmp_path.glob("*.scores.jsonl")) and not (tmp_path / "scores").exists()
+    (record,) = [json.loads(line) for line in written.read_text().splitlines()]
+    assert record["margin"] == pytest.approx(record["chosen_reward"] - record["rejected_reward"])
+    assert score_main(["--model", str(out), "--data", str(data), "--overwrite", "no"]) == 2
+    assert score_main(["--model", str(out / "model"), "--data", str(data), "--overwrite", "yes"]) == 0
+
+
+# --------------------------------------------------------------------------------------------- RLHF clients
+def scored_eval_pairs(out, tmp_path, count=12):
+    """The first eval pairs and rm.score's rewards for them (which equal the trainer's, tested above)."""
+    from rm.data import read_pairs
+
+    records, _ = score(tmp_path, "--model", out, "--data", EVAL)
+    return read_pairs(str(EVAL), log=lambda m: None)[:count], records[:count]
+
+
+def test_reward_function_for_trl_gives_rm_score_rewards(full_run, tmp_path):
+    from rm.model import load_tokenizer
+    from rm.reward_function import RewardFunction
+
+    out, _ = full_run
+    pairs, records = scored_eval_pairs(out, tmp_path)
+    expected = [r["chosen_reward"] for r in records]
+    reward = RewardFunction(str(out), batch_size=5)
+    conversational = reward(prompts=[p.prompt for p in pairs], completion_ids=None,
+                            completions=[[{"role": "assistant", "content": p.chosen}] for p in pairs])
+    assert conversational == pytest.approx(expected, abs=1e-5)
+    tokenizer = load_tokenizer(str(out / "model"))
+    rendered = [tokenizer.apply_chat_template(p.prompt, tokenize=False, add_generation_prompt=True) for p in pairs]
+    standard = reward(prompts=rendered, completions=[p.chosen for p in pairs])
+    assert standard == pytest.approx(expected, abs=1e-5)
+    assert reward.__name__ == "reward_model"
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_plain_transformers_gives_the_trainers_rewards(full_run, tmp_path, padding_side):
+    """No code of this package: the exported folder, AutoTokenizer on the chat-rendered text, one padded batch."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out, _ = full_run
+    pairs, records = scored_eval_pairs(out, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(out / "model", padding_side=padding_side)
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model", dtype=torch.float32).eval()
+    texts = [tokenizer.apply_chat_template(p.prompt + [{"role": "assistant", "content": p.rejected}], tokenize=False)
+             for p in pairs]
+    batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    assert (batch["attention_mask"][:, 0 if padding_side == "left" else -1] == 0).any()  # padding really happened
+    with torch.no_grad():
+        rewards = model(**batch).logits[:, 0].tolist()
+    assert rewards == pytest.approx([r["rejected_reward"] for r in records], abs=1e-5)
+
+
+def test_eos_reward_position_is_recorded_and_honoured_by_rm_score(tmp_path_factory, tmp_path):
+    out = tmp_path_factory.mktemp("score_eos") / "out"
+    _, metrics, _ = run_train(out, *QUICK, "--max_steps", "4", "--reward_position", "eos")
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["reward_position"] == "eos"
+    records, summary = score(tmp_path, "--model", out, "--data", EVAL)
+    assert summary["reward_position"] == "eos"
+    assert_matches_trainer_eval(summary, metrics["final"])
+    relabelled = tmp_path / "template_end"  # the same weights read at the template's end give other rewards
+    shutil.copytree(out / "model", relabelled)
+    (relabelled / "config.json").write_text(json.dumps({**config, "reward_position": "template_end"}))
+    other, _ = score(tmp_path, "--model", relabelled, "--data", EVAL)
+    assert max(abs(a["chosen_reward"] - b["chosen_reward"]) for a, b in zip(records, other)) > 1e-3

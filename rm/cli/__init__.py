@@ -1,1 +1,12 @@
 """Command-line tools around the trainer (score, plan, validate, bench); nothing the trainer runs imports them."""
+
+import argparse
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none to show (None, or a flag that takes no value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.nargs == 0:
+            return action.help or ""
+        return super()._get_help_string(action)

@@ -36,6 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers.hf_argparser import string_to_bool
+
+from rm.cli import DefaultsHelpFormatter
 from rm.config import TrainConfig
 
 GIB = 1024 ** 3
@@ -274,6 +277,8 @@ def launch_command(setup: Setup, num_nodes: int, gpus_per_node: int, model: str,
     model = model if Path(model).exists() else "MODEL_PATH"  # a preset name is no loadable model
     flags = f"--model_name_or_path {model} --use_peft {str(lora).lower()} --gradient_checkpointing true"
     if setup.zero_stage in (1, 2, 3) and not setup.offload_optimizer and not setup.offload_params:
+        if num_nodes == 1:
+            return f"bash torchrun_multi_node_multi_gpu.sh {setup.zero_stage} 1 {gpus_per_node} localhost 29500 {flags}"
         return (f"NODE_RANK=<rank> bash torchrun_multi_node_multi_gpu.sh {setup.zero_stage} {num_nodes} "
                 f"{gpus_per_node} <master_addr> 29500 {flags}")
     world = num_nodes * gpus_per_node
@@ -312,27 +317,34 @@ def report(model: str, shape: Shape, args: argparse.Namespace, cfg: TrainConfig)
             lines.append(f"{label}: nothing fits in {args.gpu_memory:g} GiB per GPU: add GPUs or nodes, shorten "
                          "max lengths, lower max_tokens_per_micro_batch" + (", or use LoRA" if not lora else ""))
             continue
+        host = result["cpu_per_process"] * args.gpus_per_node
         lines.append(f"{label}: {setup.name} with activation checkpointing, accelerate_configs/{setup.yaml} "
-                     f"(~{result['total']:.1f} GiB per GPU)")
+                     f"(~{result['total']:.1f} GiB per GPU" + (f"; needs ~{host:.0f} GiB of host memory on every "
+                                                            "node for the offloaded states" if host else "") + ")")
         lines.append(f"    {launch_command(setup, args.nodes, args.gpus_per_node, model, lora is not None)}")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m rm.plan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rm.plan", description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", help="preset name, config.json or model folder (offline)")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (processes) on each node")
+    parser.add_argument("--nodes", type=int, default=1, help="number of nodes")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
-    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
-    parser.add_argument("--per-device-train-batch-size", type=int, default=defaults.per_device_train_batch_size)
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps)
-    parser.add_argument("--max-source-length", type=int, default=defaults.max_source_length)
-    parser.add_argument("--max-target-length", type=int, default=defaults.max_target_length)
-    parser.add_argument("--packing", type=lambda s: s.lower() in ("1", "true", "yes"), default=defaults.packing)
-    parser.add_argument("--max-tokens-per-micro-batch", type=int, default=defaults.max_tokens_per_micro_batch)
-    parser.add_argument("--list-presets", action="store_true")
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="LoRA rank of the LoRA column")
+    parser.add_argument("--per-device-train-batch-size", type=int, default=defaults.per_device_train_batch_size,
+                        help="pairs per micro-batch per GPU")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps,
+                        help="micro-batches per optimizer step (what packing can join)")
+    parser.add_argument("--max-source-length", type=int, default=defaults.max_source_length, help="prompt tokens")
+    parser.add_argument("--max-target-length", type=int, default=defaults.max_target_length, help="response tokens")
+    parser.add_argument("--packing", type=string_to_bool, nargs="?", const=True, default=defaults.packing,
+                        help="pack each step's pairs into micro-batches of max-tokens-per-micro-batch")
+    parser.add_argument("--max-tokens-per-micro-batch", type=int, default=defaults.max_tokens_per_micro_batch,
+                        help="token budget of one packed micro-batch")
+    parser.add_argument("--list-presets", action="store_true", help="print the presets and their sizes")
     args = parser.parse_args(argv)
     if not args.list_presets and not args.model:
         parser.error("--model is required")

@@ -4,11 +4,13 @@
 
 `--model` takes a training output directory (its merged `model/`, or `adapter/` with `--adapter`), a merged model
 folder, or a LoRA adapter folder (the base model is read from its adapter_config.json, or `--base_model`).
-`--data` takes any preference layout train.py reads (pairs are rendered exactly as in training, and the summary
-gives accuracy and margin), a jsonl/json file of records with a `text` field, or a .txt file with one text per
-line (plain texts are scored as written: render chat turns yourself). The reward is read at the last real token,
-through the trainer's own forward (rm.model.RewardModel), so the scores equal the trainer's eval rewards.
+`--data` takes any preference layout train.py reads (pairs are rendered exactly as in training, with the reward
+position recorded in the model's config.json; empty replies are scored too; the summary gives accuracy and margin),
+a jsonl/json file of records with a `text` field, or a .txt file with one text per line (plain texts are scored as
+written: render chat turns yourself, ending them as the model was trained). The reward is read at the last real
+token, through the trainer's own forward (rm.model.RewardModel), so the scores equal the trainer's eval rewards.
 `--normalize` maps rewards to (reward - mean) / std with the eval-set statistics stored in the exported config.
+The output goes to the model's training output directory (`scores/DATA_NAME.scores.jsonl`) unless `--output`.
 """
 
 from __future__ import annotations
@@ -17,20 +19,24 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers.hf_argparser import string_to_bool
 
 from rm.config import TrainConfig
-from rm.data import DataError, Pair, load_pairs
+from rm.cli import DefaultsHelpFormatter
+from rm.data import DataError, Pair, read_pairs, read_records
 from rm.encoding import PairEncoder, pad_rows
-from rm.outputs import ADAPTER_DIR, MODEL_DIR, TRAINING_CONFIG
 from rm.loss import reward_metrics
+from rm.outputs import ADAPTER_DIR, MODEL_DIR, SCORES_DIR, TRAINING_CONFIG
 from rm.model import RewardModel, load_tokenizer
 
 NORMALIZATION_KEYS = ("mean", "std")  # the names OpenRLHF reads from config.json
+REWARD_POSITION_KEY = "reward_position"  # in config.json, written by train.py; absent: "template_end"
 
 
 class ScoreError(ValueError):
@@ -75,10 +81,15 @@ def load_reward_model(folder: Path, is_adapter: bool, base_model: str | None, dt
     return RewardModel(model).eval()
 
 
+def exported_config(folder: Path, is_adapter: bool) -> tuple[Path, dict[str, Any]]:
+    """The merged model's config.json (path, contents), where train.py records reward statistics and position."""
+    config_path = (folder.parent / MODEL_DIR if is_adapter else folder) / "config.json"
+    return config_path, json.loads(config_path.read_text()) if config_path.is_file() else {}
+
+
 def normalization_stats(folder: Path, is_adapter: bool) -> tuple[float, float]:
     """The eval reward mean and std train.py stored in the merged model's config.json."""
-    config_path = (folder.parent / MODEL_DIR if is_adapter else folder) / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config_path, config = exported_config(folder, is_adapter)
     if not all(isinstance(config.get(k), (int, float)) for k in NORMALIZATION_KEYS):
         raise ScoreError(f"{config_path}: no reward 'mean' / 'std' stored (written by train.py when it ran an "
                          "evaluation): --normalize needs them")
@@ -99,42 +110,68 @@ def training_lengths(folder: Path) -> tuple[int, int]:
     return defaults.max_source_length, defaults.max_target_length
 
 
-# --------------------------------------------------------------------------------------------- data
-def _text_records(path: Path) -> Iterator[tuple[str, str]] | None:
-    """(location, text) for a .txt file or a jsonl/json file of {"text": ...} records; None for anything else."""
-    if path.suffix == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return ((f"{path}:{i}", line) for i, line in enumerate(lines, start=1) if line.strip())
-    if path.suffix not in (".jsonl", ".json"):
-        return None
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        rows = [(f"{path}:record {i}", row) for i, row in enumerate(json.loads(text), start=1)]
-    else:
-        first = next((line for line in text.splitlines() if line.strip()), "{}")
-        if "text" not in json.loads(first):
-            return None
-        rows = [(f"{path}:{i}", json.loads(line)) for i, line in enumerate(text.splitlines(), start=1)
-                if line.strip()]
-    if not rows or not isinstance(rows[0][1], dict) or "text" not in rows[0][1]:
-        return None
+@dataclass
+class Scorer:
+    """A trained reward model with the encoder that renders, truncates and ends sequences as its training did."""
 
-    def texts() -> Iterator[tuple[str, str]]:
-        for where, row in rows:
-            value = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(where, "field 'text' must be a non-empty string")
-            yield where, value
-    return texts()
+    folder: Path
+    model: RewardModel
+    encoder: PairEncoder
+    device: torch.device
+    mean: float = 0.0
+    std: float = 1.0
+
+    @classmethod
+    def load(cls, model: str, adapter: bool = False, base_model: str | None = None, device: str = "auto",
+             dtype: str = "auto", normalize: bool = False, max_source_length: int | None = None,
+             max_target_length: int | None = None) -> "Scorer":
+        """Lengths default to the training run's; the reward position is the one recorded in config.json."""
+        folder, is_adapter = resolve_model_dir(model, adapter)
+        mean, std = normalization_stats(folder, is_adapter) if normalize else (0.0, 1.0)
+        where = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = {"auto": torch.bfloat16 if where.type == "cuda" else torch.float32, "float32": torch.float32,
+                       "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        default_source, default_target = training_lengths(folder)
+        config_path, config = exported_config(folder, is_adapter)
+        tokenizer = load_tokenizer(str(folder))
+        try:
+            encoder = PairEncoder(tokenizer, max_source_length or default_source, max_target_length or default_target,
+                                  config.get(REWARD_POSITION_KEY, "template_end"))
+        except ValueError as err:
+            raise ScoreError(f"{config_path}: {err}") from None
+        reward_model = load_reward_model(folder, is_adapter, base_model, torch_dtype, tokenizer).to(where)
+        return cls(folder, reward_model, encoder, where, mean, std)
+
+    def rewards(self, rows: list[list[int]], batch_size: int, desc: str | None = None) -> list[float]:
+        """Reward of every token-id row (normalised when loaded so); a progress bar only when desc is given."""
+        raw = score_rows(self.model, rows, self.encoder.tokenizer.pad_token_id, batch_size, self.device, desc)
+        return [(r - self.mean) / self.std for r in raw]
+
+
+# --------------------------------------------------------------------------------------------- data
+def _text_records(location: str) -> list[tuple[str, str]] | None:
+    """(location, text) of every record when the data is texts (.txt lines, or records with a 'text' field and no
+    pair fields); None when it is preference data. Read through rm.data's one reader."""
+    texts = []
+    for _, records in read_records(location):
+        for where, record in records:
+            if isinstance(record, DataError):
+                raise record
+            if not isinstance(record, dict) or "text" not in record or "chosen" in record:
+                return None
+            if not isinstance(record["text"], str) or not record["text"].strip():
+                raise DataError(where, "field 'text' must be a non-empty string (an empty text has no token to score)")
+            texts.append((where, record["text"]))
+    return texts
 
 
 @torch.no_grad()
 def score_rows(model: RewardModel, rows: list[list[int]], pad_token_id: int, batch_size: int,
-               device: torch.device, desc: str) -> list[float]:
+               device: torch.device, desc: str | None = None) -> list[float]:
     """Reward of every token-id row, in order; rows are batched by length to waste little padding."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     rewards = [0.0] * len(rows)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None):
         chunk = order[start:start + batch_size]
         input_ids, attention_mask = pad_rows([rows[i] for i in chunk], pad_token_id)
         values = model(input_ids.to(device), attention_mask.to(device)).cpu().tolist()
@@ -144,30 +181,32 @@ def score_rows(model: RewardModel, rows: list[list[int]], pad_token_id: int, bat
 
 
 # --------------------------------------------------------------------------------------------- main
+def default_output(args: argparse.Namespace) -> Path:
+    """scores/DATA_NAME.scores.jsonl in the training output directory the model belongs to (the model folder
+    itself when it stands alone): never the current directory, never beside the data (a data folder would then
+    hold a jsonl that is not data)."""
+    folder, _ = resolve_model_dir(args.model, args.adapter)
+    root = folder.parent if folder.name in (MODEL_DIR, ADAPTER_DIR) else folder
+    name = Path(args.data.rstrip("/")).stem or "data"
+    return root / SCORES_DIR / f"{name.replace('/', '_')}.scores.jsonl"
+
+
 def score(args: argparse.Namespace) -> dict[str, Any]:
-    output = Path(args.output or f"{Path(args.data).stem}.scores.jsonl")
+    output = Path(args.output) if args.output else default_output(args)
     if output.exists() and not args.overwrite:
         raise ScoreError(f"{output} exists: pass --overwrite true to replace it")
-    folder, is_adapter = resolve_model_dir(args.model, args.adapter)
-    mean, std = normalization_stats(folder, is_adapter) if args.normalize else (0.0, 1.0)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    default_source, default_target = training_lengths(folder)
-    max_source = args.max_source_length or default_source
-    max_target = args.max_target_length or default_target
-
-    tokenizer = load_tokenizer(str(folder))
-    texts = _text_records(Path(args.data)) if Path(args.data).is_file() else None
+    scorer = Scorer.load(args.model, args.adapter, args.base_model, args.device, args.dtype, args.normalize,
+                         args.max_source_length, args.max_target_length)
+    encoder = scorer.encoder
+    texts = _text_records(args.data)
     records: list[dict[str, Any]] = []
     if texts is not None:
-        located = list(texts)
-        rows = [tokenizer(text)["input_ids"][: max_source + max_target] for _, text in located]
-        records = [{"source": where} for where, _ in located]
+        limit = encoder.max_source_length + encoder.max_target_length
+        rows = [encoder.text_ids(text)[:limit] for _, text in texts]
+        records = [{"source": where} for where, _ in texts]
         pairs: list[Pair] = []
     else:
-        pairs = load_pairs(args.data, log=lambda m: print(m, file=sys.stderr))
-        encoder = PairEncoder(tokenizer, max_source, max_target)
+        pairs = read_pairs(args.data, for_training=False, log=lambda m: print(m, file=sys.stderr))
         rows, kept = [], []
         for pair in pairs:
             encoded, _ = encoder.encode(pair)
@@ -179,11 +218,11 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
                 rows += [encoded["chosen_input_ids"], encoded["rejected_input_ids"]]
             records.append(record)
 
-    model = load_reward_model(folder, is_adapter, args.base_model, dtype, tokenizer).to(device)
-    raw = score_rows(model, rows, tokenizer.pad_token_id, args.batch_size, device, f"Scoring {Path(args.data).name}")
-    rewards = [(r - mean) / std for r in raw]
-    summary: dict[str, Any] = {"model": str(folder), "data": args.data, "normalized": bool(args.normalize),
-                               "max_source_length": max_source, "max_target_length": max_target}
+    rewards = scorer.rewards(rows, args.batch_size, f"Scoring {Path(args.data).name}")
+    summary: dict[str, Any] = {"model": str(scorer.folder), "data": args.data, "normalized": bool(args.normalize),
+                               "max_source_length": encoder.max_source_length,
+                               "max_target_length": encoder.max_target_length,
+                               "reward_position": encoder.reward_position}
     if pairs:
         chosen, rejected = torch.tensor(rewards[0::2]), torch.tensor(rewards[1::2])
         for index, c, r in zip(kept, chosen.tolist(), rejected.tolist()):
@@ -206,13 +245,15 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rm.score", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rm.score", description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="training output dir, merged model folder or adapter folder")
     parser.add_argument("--data", required=True, help="preference data (any train.py layout) or texts (.txt, "
                                                       "jsonl/json with 'text')")
-    parser.add_argument("--output", help="jsonl to write (default: DATA_STEM.scores.jsonl here); a summary goes "
-                                         "next to it as .summary.json")
-    parser.add_argument("--overwrite", type=lambda s: s.lower() in ("1", "true", "yes"), default=False)
+    parser.add_argument("--output", help="jsonl to write (default: MODEL_OUTPUT_DIR/scores/DATA_NAME.scores.jsonl); "
+                                         "a summary goes next to it as .summary.json")
+    parser.add_argument("--overwrite", type=string_to_bool, nargs="?", const=True, default=False,
+                        help="replace an existing output")
     parser.add_argument("--adapter", action="store_true", help="load base model + LoRA adapter, not the merged one")
     parser.add_argument("--base_model", help="base model of an adapter (default: from adapter_config.json)")
     parser.add_argument("--normalize", action="store_true", help="(reward - mean) / std, the stored eval statistics")
