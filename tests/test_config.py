@@ -83,7 +83,7 @@ BAD_VALUES = {
     "lr_scheduler_type": "step", "max_grad_norm": -1.0, "center_rewards_coefficient": math.inf, "seed": -1,
     "output_dir": "", "overwrite_output_dir": "please", "logging_steps": 0, "eval_steps": 0, "save_steps": 0,
     "save_total_limit": -1, "resume_from_checkpoint": "", "skip_bad_records": "yes please",
-    "skip_nonfinite_steps": 3, "report_to": "stdout",
+    "skip_nonfinite_steps": 3, "report_to": "stdout", "reward_position": "last", "allow_changed_data": "ok",
 }
 
 
