@@ -37,6 +37,8 @@ def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> Any:
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if tokenizer.pad_token is None:  # no pad, unk or eos token: padded positions are masked, so any id serves
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
     return tokenizer
 
 
