@@ -161,11 +161,16 @@ class PairEncoder:
 
 
 def _fingerprint(pairs: list[Pair], encoder: PairEncoder) -> str:
+    """The token cache key: the pairs, the encoding settings and the tokenizer's content (a tokenizer edited in
+    place keeps its name and length: its whole tokenizer.json, or its vocabulary, is hashed)."""
     tok = encoder.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)  # vocab, merges, normalizer, added tokens, post-processor
+    content = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
     digest = hashlib.sha256()
     header = [ENCODING_VERSION, tok.name_or_path, len(tok), tok.chat_template or "",
-              encoder.max_source_length, encoder.max_target_length, encoder.reward_position]
-    digest.update(json.dumps(header).encode())
+              encoder.max_source_length, encoder.max_target_length, encoder.reward_position,
+              hashlib.sha256(content.encode()).hexdigest(), tok.special_tokens_map]
+    digest.update(json.dumps(header, default=str).encode())
     for p in pairs:
         digest.update(json.dumps([p.prompt, p.chosen, p.rejected, p.margin, p.tools], ensure_ascii=False).encode())
     return digest.hexdigest()[:16]
@@ -185,7 +190,8 @@ def encode_pairs(pairs: list[Pair], encoder: PairEncoder, cache_dir: str | None 
             return encoded
     rows: dict[str, list] = {"chosen_input_ids": [], "rejected_input_ids": [], "margin": []}
     totals: Counter = Counter()
-    for pair in tqdm(pairs, desc=f"Tokenizing {name}", disable=not show_progress):
+    # disable=None: tqdm draws no bar when stderr is not a terminal (captured logs get the summary line only)
+    for pair in tqdm(pairs, desc=f"Tokenizing {name}", disable=None if show_progress else True):
         encoded_pair, stats = encoder.encode(pair)
         totals.update(stats)
         if encoded_pair is not None:

@@ -4,6 +4,8 @@ The full state dict is gathered on every rank (ZeRO-3 needs all ranks for that) 
 a fresh CPU copy of the model, so the export never touches the distributed model's sharded parameters:
   output_dir/model/    merged model + tokenizer: AutoModelForSequenceClassification.from_pretrained loads it
   output_dir/adapter/  the LoRA adapter with the trained score head (LoRA runs only)
+Both are left readable by others (files 0644, folders 0755) whatever the umask: safetensors writes 0600 files, and
+the people and jobs that load a reward model are often not the user who trained it.
 """
 
 from __future__ import annotations
@@ -13,21 +15,31 @@ import os
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from rm.model import RewardModel, no_zero3_init
-from rm.outputs import ADAPTER_DIR, MODEL_DIR
+from rm.outputs import ADAPTER_DIR, DIR_MODE, FILE_MODE, MODEL_DIR
 
+
+def unwrap(accelerator: Accelerator, model: nn.Module) -> RewardModel | None:
+    """The RewardModel inside a DDP wrapper (or the model itself) when DeepSpeed is not in use; None under DeepSpeed.
+    accelerate's unwrap_model imports deepspeed whenever it is installed, and that import logs DeepSpeed's "Setting
+    accelerator to CPU" warning in runs that never use it."""
+    if accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        return getattr(model, "module", model)
+    return None
 
 
 def export_reward_model(accelerator: Accelerator, model: nn.Module, tokenizer: Any, output_dir: str,
                         extra_config: dict[str, Any] | None = None) -> str:
     """Saves the merged model (and the adapter under LoRA); returns the merged model's directory."""
-    state = accelerator.get_state_dict(model)  # collective: every rank
+    wrapper = unwrap(accelerator, model)
+    state = accelerator.get_state_dict(model) if wrapper is None else wrapper.state_dict()  # ZeRO: every rank
     merged_dir = os.path.join(output_dir, MODEL_DIR)
     if accelerator.is_main_process:
-        wrapper: RewardModel = accelerator.unwrap_model(model)
+        wrapper = wrapper or accelerator.unwrap_model(model)
         prefix = "model."
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         config = copy.deepcopy(wrapper.hf_model.config)
@@ -47,9 +59,20 @@ def export_reward_model(accelerator: Accelerator, model: nn.Module, tokenizer: A
         if peft_config:
             host_model.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
             tokenizer.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
+            make_readable(os.path.join(output_dir, ADAPTER_DIR))
             host_model = host_model.merge_and_unload()
         host_model.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
+        make_readable(merged_dir)
     accelerator.wait_for_everyone()
     return merged_dir
 
+
+def make_readable(folder: str) -> None:
+    """Files 0644 and folders 0755 under folder (itself included)."""
+    os.chmod(folder, DIR_MODE)
+    for root, dirs, names in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), DIR_MODE)
+        for name in names:
+            os.chmod(os.path.join(root, name), FILE_MODE)
