@@ -1,0 +1,121 @@
+"""Fault suite, settings and the end of a run (issue 13, sections 2 and 3).
+
+Every setting with a bad value stops train.py with exit 2 and one line naming the setting, before anything is
+written. Faults that used to lose a whole trained run at the end (no evaluation possible, a tokenizer without a pad
+token, a signal during the final evaluation) now end with the model exported."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, train_command
+from test_config import BAD_VALUES
+
+import train
+
+TINY_RUN = ["--model_name_or_path", "tiny", "--use_peft", "false", "--gradient_checkpointing", "false",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--report_to", "none",
+            "--max_steps", "3", "--logging_steps", "1"]
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    code = train.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_every_bad_setting_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, name):
+    out = tmp_path / "out"
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({name: BAD_VALUES[name]}))
+    code, err = run_main(capsys, "--output_dir", out, "--config", config)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and f"setting '{name}'" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["missing_config", "output_dir_is_a_file", "output_dir_under_a_file",
+                                  "bf16_against_the_launcher"])
+def test_bad_launch_settings_exit_2_before_anything_is_written(tmp_path, capsys, monkeypatch, case):
+    (tmp_path / "a_file").write_text("keep me")
+    out, args = tmp_path / "out", []
+    if case == "missing_config":
+        args, expected = ["--config", tmp_path / "nope.yaml"], "nope.yaml: cannot read it"
+    elif case == "output_dir_is_a_file":
+        out, expected = tmp_path / "a_file", "is a file"
+    elif case == "output_dir_under_a_file":
+        out, expected = tmp_path / "a_file" / "out", "sits under"
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+        args, expected = ["--bf16", "false"], "--bf16 false disagrees with the accelerate launcher's mixed_precision"
+    code, err = run_main(capsys, *TINY_RUN, "--output_dir", out, *args)
+    assert code == 2 and expected in err, err
+    assert (tmp_path / "a_file").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def tokenizer_without_special_tokens(folder: Path) -> Path:
+    """The shipped tiny tokenizer with its pad, eos and unk tokens removed (the template keeps its own markers)."""
+    from rm.model import TINY_TOKENIZER
+
+    shutil.copytree(TINY_TOKENIZER, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for key in ("pad_token", "eos_token", "unk_token"):
+        config.pop(key, None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def identical_after_truncation(path: Path) -> Path:
+    """Eval pairs whose chosen and rejected differ only past max_target_length tokens."""
+    rows = [{"prompt": f"Question {i}?", "chosen": "same words here and then " * 8 + "yes",
+             "rejected": "same words here and then " * 8 + "no"} for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("case", ["max_eval_samples_0", "eval_pairs_identical_after_truncation",
+                                  "tokenizer_without_pad_eos_unk"])
+def test_runs_that_used_to_lose_everything_at_the_end_export_the_model(tmp_path, case):
+    extra = {"max_eval_samples_0": ["--max_eval_samples", 0],
+             "eval_pairs_identical_after_truncation": [
+                 "--validation_file_dir", identical_after_truncation(tmp_path / "eval.jsonl"),
+                 "--max_target_length", 8, "--max_eval_samples", -1],
+             "tokenizer_without_pad_eos_unk": [
+                 "--tokenizer_name_or_path", tokenizer_without_special_tokens(tmp_path / "tok"),
+                 "--max_eval_samples", 8]}[case]
+    out = tmp_path / "out"
+    cmd, env = train_command(out, *TINY_RUN, *extra)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model" / "config.json").is_file() and (out / "metrics.json").is_file()
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    if case == "tokenizer_without_pad_eos_unk":
+        assert final["eval/pairs"] == 8
+    else:
+        assert "eval/accuracy" not in final and "evaluation: off" in proc.stdout + proc.stderr
+
+
+def test_sigterm_during_the_final_evaluation_still_exports_the_model(tmp_path):
+    """The signal arrives after the last optimizer step was logged, while the final evaluation (100 eval pairs,
+    batch 1) or the export runs: the handlers stay installed until the export is written."""
+    out = tmp_path / "out"
+    cmd, env = train_command(out, *TINY_RUN, "--validation_file_dir", ROOT / "data/sample/eval.jsonl",
+                             "--max_eval_samples", -1)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "step 3/3" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log[-3000:]
+    assert (out / "model" / "config.json").is_file(), log[-3000:]
+    assert "SIGTERM arrived after the last step; the model was exported first" in log
