@@ -98,7 +98,7 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.packing and varlen_available(accelerator.device) and accelerator.mixed_precision == "bf16":
         enable_varlen_attention(backbone)  # packed rows through the flash varlen kernel (rm/batching.py)
     if cfg.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     if cfg.use_peft:
         backbone.enable_input_require_grads()  # reentrant checkpointing needs a grad-carrying input
         backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
@@ -153,7 +153,8 @@ def train_loop(run: Run, guard: StepGuard) -> int:
     cfg, accelerator, model, optimizer = run.cfg, run.accelerator, run.model, run.optimizer
     step, grad_norm = run.data.start.global_step, torch.zeros(())
     window = MetricsWindow(accelerator)
-    progress = tqdm(total=run.total_steps, initial=step, desc="Training", disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=run.total_steps, initial=step, desc="Training",  # no bar when stderr is not a TTY
+                    disable=None if accelerator.is_local_main_process else True)
     model.train()
     for batch in run.data:
         with accelerator.accumulate(model):

@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
@@ -23,23 +22,13 @@ from rm.model import RewardModel, no_zero3_init
 from rm.outputs import ADAPTER_DIR, DIR_MODE, FILE_MODE, MODEL_DIR
 
 
-def unwrap(accelerator: Accelerator, model: nn.Module) -> RewardModel | None:
-    """The RewardModel inside a DDP wrapper (or the model itself) when DeepSpeed is not in use; None under DeepSpeed.
-    accelerate's unwrap_model imports deepspeed whenever it is installed, and that import logs DeepSpeed's "Setting
-    accelerator to CPU" warning in runs that never use it."""
-    if accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        return getattr(model, "module", model)
-    return None
-
-
 def export_reward_model(accelerator: Accelerator, model: nn.Module, tokenizer: Any, output_dir: str,
                         extra_config: dict[str, Any] | None = None) -> str:
     """Saves the merged model (and the adapter under LoRA); returns the merged model's directory."""
-    wrapper = unwrap(accelerator, model)
-    state = accelerator.get_state_dict(model) if wrapper is None else wrapper.state_dict()  # ZeRO: every rank
+    state = accelerator.get_state_dict(model)  # collective: every rank
     merged_dir = os.path.join(output_dir, MODEL_DIR)
     if accelerator.is_main_process:
-        wrapper = wrapper or accelerator.unwrap_model(model)
+        wrapper: RewardModel = accelerator.unwrap_model(model)
         prefix = "model."
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         config = copy.deepcopy(wrapper.hf_model.config)

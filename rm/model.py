@@ -8,6 +8,7 @@ comparing token ids with the pad id (which reads the wrong token when pad == eos
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,6 +17,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from rm.config import ConfigError
+
+# peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` inside get_peft_model and
+# PeftModel.from_pretrained (its call, not ours): keep that FutureWarning out of every LoRA run and score
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 TINY = "tiny"
 TINY_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from typing import Iterable
 
 import torch
@@ -57,10 +58,23 @@ def resolve_mixed_precision(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, bf16=bool(cfg.bf16 if cfg.bf16 is not None else launcher_bf16))
 
 
+def progress_bars_only_on_a_terminal() -> None:
+    """Captured logs (stderr not a terminal) get log lines, not progress-bar redraws glued to them. Our own bars pass
+    tqdm's disable=None (no bar without a terminal); this turns off those of transformers and the hub ("Writing
+    model shards") and of datasets ("Saving the dataset", the token cache)."""
+    if not sys.stderr.isatty():
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """Without CUDA, name gloo explicitly: accelerate picks no backend on CPU under DeepSpeed and then believes
     every rank is rank 0 of 1 (field notes). A plain `python train.py` (no launcher, no WORLD_SIZE) stays
     single-process."""
+    progress_bars_only_on_a_terminal()
     launched = "WORLD_SIZE" in os.environ
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
     trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
@@ -72,6 +86,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         kwargs_handlers=handlers,
     )
     plugin = accelerator.state.deepspeed_plugin
+    if plugin is None and not torch.cuda.is_available():
+        # transformers' save_pretrained imports deepspeed whenever it is installed (accelerate's unwrap), and its
+        # accelerator detection then warns "Setting accelerator to CPU" in a run that never uses it: name it
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if plugin is not None:
         ds_config = plugin.deepspeed_config
         if "gradient_accumulation_steps" in ds_config and ds_config["gradient_accumulation_steps"] not in (

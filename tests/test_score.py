@@ -16,8 +16,8 @@ QUICK = ["--config", "examples/quickstart.yaml", "--max_steps", "10", "--report_
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("score_full") / "out"
-    _, metrics, _ = run_train(out, *QUICK)
-    return out, metrics["final"]
+    proc, metrics, _ = run_train(out, *QUICK)
+    return out, metrics["final"], proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,8 @@ def lora_run(tmp_path_factory, tokenizer):
     load_backbone(TINY, tokenizer, torch.float32).save_pretrained(base)
     tokenizer.save_pretrained(base)
     out = tmp_path_factory.mktemp("score_lora") / "out"
-    _, metrics, _ = run_train(out, *QUICK, "--model_name_or_path", base, "--use_peft", "true")
-    return out, metrics["final"]
+    proc, metrics, _ = run_train(out, *QUICK, "--model_name_or_path", base, "--use_peft", "true")
+    return out, metrics["final"], proc.stdout + proc.stderr
 
 
 def score(tmp_path, *args):
@@ -49,8 +49,15 @@ def assert_matches_trainer_eval(summary, final):
         assert summary[key] == pytest.approx(final[f"eval/{key}"], abs=1e-5), key
 
 
+def test_runs_log_no_warnings_and_no_progress_bars_when_captured(full_run, lora_run):
+    """Full fine-tuning and LoRA, output captured (not a terminal): DeepSpeed's accelerator warning (on stdout),
+    deprecation warnings from transformers / peft calls and progress-bar redraws all stay out."""
+    for _, _, log in (full_run, lora_run):
+        assert "warning" not in log.lower() and "\r" not in log and "it/s" not in log, log[-2000:]
+
+
 def test_merged_model_scores_equal_trainer_eval_rewards(full_run, tmp_path, capsys):
-    out, final = full_run
+    out, final, _ = full_run
     records, summary = score(tmp_path, "--model", out, "--data", EVAL, "--batch_size", "7")
     assert_matches_trainer_eval(summary, final)
     assert len(records) == 100 and records[0]["source"].endswith("eval.jsonl:1")
@@ -63,7 +70,7 @@ def test_merged_model_scores_equal_trainer_eval_rewards(full_run, tmp_path, caps
 
 
 def test_normalize_uses_the_stored_eval_statistics(full_run, tmp_path):
-    out, final = full_run
+    out, final, _ = full_run
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["mean"] == pytest.approx(final["eval/reward_mean"])
     assert config["std"] == pytest.approx(final["eval/reward_std"])
@@ -74,7 +81,7 @@ def test_normalize_uses_the_stored_eval_statistics(full_run, tmp_path):
 
 
 def test_adapter_and_merged_model_give_the_same_rewards(lora_run, tmp_path):
-    out, final = lora_run
+    out, final, _ = lora_run
     merged, merged_summary = score(tmp_path, "--model", out, "--data", EVAL)
     adapter, adapter_summary = score(tmp_path, "--model", out, "--adapter", "--data", EVAL)
     assert_matches_trainer_eval(merged_summary, final)
@@ -86,7 +93,7 @@ def test_adapter_and_merged_model_give_the_same_rewards(lora_run, tmp_path):
 
 
 def test_plain_texts_from_txt_and_jsonl(full_run, tmp_path):
-    out, _ = full_run
+    out, _, _ = full_run
     texts = ["The service was excellent and friendly.", "Terrible food, rude staff.", "ok", "A" * 300,
              "Great value, would come back."]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n\n")
@@ -99,7 +106,7 @@ def test_plain_texts_from_txt_and_jsonl(full_run, tmp_path):
 
 
 def test_errors_name_the_problem(full_run, tmp_path, capsys):
-    out, _ = full_run
+    out, _, _ = full_run
     output = tmp_path / "taken.jsonl"
     output.write_text("keep me\n")
     assert score_main(["--model", str(out), "--data", str(EVAL), "--output", str(output)]) == 2
@@ -122,7 +129,7 @@ def test_errors_name_the_problem(full_run, tmp_path, capsys):
 
 
 def test_empty_reply_is_scored_and_the_default_output_goes_to_the_output_dir(full_run, tmp_path, monkeypatch):
-    out, _ = full_run
+    out, _, _ = full_run
     data = tmp_path / "empty.jsonl"
     data.write_text(json.dumps({"prompt": "How was it?", "chosen": "Lovely stay.", "rejected": ""}) + "\n")
     monkeypatch.chdir(tmp_path)
@@ -148,7 +155,7 @@ def test_reward_function_for_trl_gives_rm_score_rewards(full_run, tmp_path):
     from rm.model import load_tokenizer
     from rm.reward_function import RewardFunction
 
-    out, _ = full_run
+    out, _, _ = full_run
     pairs, records = scored_eval_pairs(out, tmp_path)
     expected = [r["chosen_reward"] for r in records]
     reward = RewardFunction(str(out), batch_size=5)
@@ -168,7 +175,7 @@ def test_plain_transformers_gives_the_trainers_rewards(full_run, tmp_path, paddi
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    out, _ = full_run
+    out, _, _ = full_run
     pairs, records = scored_eval_pairs(out, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(out / "model", padding_side=padding_side)
     model = AutoModelForSequenceClassification.from_pretrained(out / "model", dtype=torch.float32).eval()

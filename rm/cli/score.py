@@ -34,6 +34,7 @@ from rm.encoding import PairEncoder, pad_rows
 from rm.loss import reward_metrics
 from rm.outputs import ADAPTER_DIR, MODEL_DIR, SCORES_DIR, TRAINING_CONFIG
 from rm.model import RewardModel, load_tokenizer
+from rm.runtime import progress_bars_only_on_a_terminal
 
 NORMALIZATION_KEYS = ("mean", "std")  # the names OpenRLHF reads from config.json
 REWARD_POSITION_KEY = "reward_position"  # in config.json, written by train.py; absent: "template_end"
@@ -171,7 +172,7 @@ def score_rows(model: RewardModel, rows: list[list[int]], pad_token_id: int, bat
     """Reward of every token-id row, in order; rows are batched by length to waste little padding."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     rewards = [0.0] * len(rows)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=None if desc else True):
         chunk = order[start:start + batch_size]
         input_ids, attention_mask = pad_rows([rows[i] for i in chunk], pad_token_id)
         values = model(input_ids.to(device), attention_mask.to(device)).cpu().tolist()
@@ -268,6 +269,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    progress_bars_only_on_a_terminal()
     args = parse_args(argv)
     try:
         summary = score(args)
