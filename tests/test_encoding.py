@@ -193,3 +193,11 @@ def test_string_prompt_is_taken_as_rendered_and_gets_the_end_of_turn(tokenizer, 
         enc = PairEncoder(tok, 1024, 256)
         rendered = tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
         assert enc.encode_response(rendered, "Great stay.") == enc.encode_response(PROMPT, "Great stay.")
+
+
+def test_rendered_text_gets_no_second_bos(bos_tokenizer):
+    """rm.score's text mode: a text rendered with the template already starts with BOS."""
+    rendered = bos_tokenizer.apply_chat_template(PROMPT + [{"role": "assistant", "content": "Fine."}], tokenize=False)
+    ids = PairEncoder(bos_tokenizer, 1024, 256).text_ids(rendered)
+    assert ids == hf_ids(bos_tokenizer, PROMPT + [{"role": "assistant", "content": "Fine."}])
+    assert ids.count(bos_tokenizer.bos_token_id) == 1

@@ -201,3 +201,14 @@ def test_eos_reward_position_is_recorded_and_honoured_by_rm_score(tmp_path_facto
     (relabelled / "config.json").write_text(json.dumps({**config, "reward_position": "template_end"}))
     other, _ = score(tmp_path, "--model", relabelled, "--data", EVAL)
     assert max(abs(a["chosen_reward"] - b["chosen_reward"]) for a, b in zip(records, other)) > 1e-3
+
+
+def test_help_shows_defaults(capsys):
+    from rm.cli.score import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 16)" in help_text and "(default: auto)" in help_text and "(default: False)" in help_text
+    assert "(default: None)" not in help_text
+    assert parse_args(["--model", "m", "--data", "d", "--overwrite"]).overwrite is True
