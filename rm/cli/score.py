@@ -189,7 +189,7 @@ def default_output(args: argparse.Namespace) -> Path:
     folder, _ = resolve_model_dir(args.model, args.adapter)
     root = folder.parent if folder.name in (MODEL_DIR, ADAPTER_DIR) else folder
     name = Path(args.data.rstrip("/")).stem or "data"
-    return root / SCORES_DIR / f"{name.replace('/', '_')}.scores.jsonl"
+    return root / SCORES_DIR / f"{name}.scores.jsonl"
 
 
 def score(args: argparse.Namespace) -> dict[str, Any]:
