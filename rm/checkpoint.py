@@ -44,7 +44,7 @@ from rm.config import ConfigError, TrainConfig
 from rm.data import data_files, is_hub_name
 from rm.guards import TrainingStopped, resume_command
 from rm.outputs import CHECKPOINT_PREFIX as PREFIX
-from rm.outputs import (COMPLETE_MARKER, DATA_ORDER, MANIFEST, RUN_LOCK, RUN_OUTPUTS, SCHEDULER_STATE,
+from rm.outputs import (COMPLETE_MARKER, DATA_ORDER, DIR_MODE, MANIFEST, RUN_LOCK, RUN_OUTPUTS, SCHEDULER_STATE,
                         STAGING_PREFIX, TRAIN_DATA, check_writable, write_json)
 from rm.outputs import TRAINER_STATE as POSITION_FILE
 from rm.outputs import TRAINING_CONFIG as CONFIG_FILE
@@ -188,6 +188,8 @@ def hold_output_dir(cfg: TrainConfig) -> Iterator[None]:
     lock = os.path.join(cfg.output_dir, RUN_LOCK)
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
+        if created:
+            os.chmod(cfg.output_dir, DIR_MODE)  # the exported model inside is for others to read (rm/export.py)
         me = _take_lock(lock)
     except OSError as err:
         raise ConfigError(f"output_dir {cfg.output_dir!r}: cannot create it or write there ({err})") from None
@@ -325,7 +327,8 @@ def _check_manifest(checkpoint: str) -> list[str]:
             raise DamagedCheckpointError(f"{path} is missing")
         size = os.path.getsize(path)
         if size != sizes[rel]:
-            raise DamagedCheckpointError(f"{path} has {size} bytes, {sizes[rel]} when saved (truncated or changed)")
+            raise DamagedCheckpointError(f"{path} has {size} bytes, {sizes[rel]} bytes when saved (truncated or "
+                                         "changed)")
         if _sha256(path) != entry.get("sha256"):
             raise DamagedCheckpointError(f"{path} changed since it was saved (its sha256 differs)")
     return present
@@ -576,8 +579,9 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: str, scheduler: Any) -
     another number of processes is refused: its RNG and data order cannot be restored exactly."""
     saved = sorted(int(m.group(1)) for m in map(RNG_FILE.fullmatch, os.listdir(checkpoint)) if m)
     if saved != list(range(accelerator.num_processes)):
-        raise CheckpointError(f"{checkpoint} was saved by {len(saved)} processes (RNG states {saved}); this run has "
-                              f"{accelerator.num_processes}: resume with the same number of processes")
+        raise CheckpointError(f"{checkpoint} holds the RNG states of processes {saved}; this run has "
+                              f"{accelerator.num_processes} process(es): resume with the number of processes that "
+                              "saved it")
     with _restricted_deepspeed_loads(accelerator):
         accelerator.load_state(checkpoint)
     try:
