@@ -24,7 +24,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from rm.batching import build_train_loader, enable_varlen_attention, is_placeholder, model_inputs, varlen_available
+from rm.attention import enable_varlen_attention, varlen_available
+from rm.batching import build_train_loader, is_placeholder, model_inputs
 from rm.checkpoint import Position, hold_output_dir, load_checkpoint, prepare_output_dir, save_checkpoint
 from rm.config import ConfigError, TrainConfig, parse_config
 from rm.data import DataError, check_enough_pairs, load_training_data
@@ -33,7 +34,8 @@ from rm.evaluate import collect_rewards, evaluate, summarize_rewards
 from rm.export import export_reward_model
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.loss import pairwise_loss, split_rewards
-from rm.model import RewardModel, apply_lora, compile_decoder_layers, load_backbone, load_tokenizer
+from rm.model import (RewardModel, apply_lora, compile_decoder_layers, compile_requested, compiled_graphs,
+                      load_backbone, load_tokenizer, needs_checkpointing)
 from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, check_writable, write_json
 from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
@@ -55,7 +57,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     train_loader: DataLoader
-    eval_loader: DataLoader | None
+    eval_set: Any  # tokenized eval pairs (rm/evaluate.py packs them by token budget), or None
     data: DataPosition
     total_steps: int
     history: list[dict[str, Any]]
@@ -95,16 +97,26 @@ def setup(cfg: TrainConfig) -> Run:
     # ---- model: built after the Accelerator so ZeRO-3 can partition it as it loads
     backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft), cfg.cache_dir,
                              accelerator)
-    if cfg.packing and varlen_available(accelerator.device) and accelerator.mixed_precision == "bf16":
-        enable_varlen_attention(backbone)  # packed rows through the flash varlen kernel (rm/batching.py)
-    if cfg.gradient_checkpointing:
+    if varlen_available(accelerator.device) and accelerator.mixed_precision == "bf16":
+        enable_varlen_attention(backbone)  # packed rows (training, evaluation) through flash varlen (rm/attention.py)
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in backbone.parameters())
+    checkpointing, why = needs_checkpointing(
+        cfg.gradient_checkpointing, backbone.config, accelerator.device,
+        max(cfg.max_tokens_per_micro_batch if cfg.packing else 0,
+            2 * cfg.per_device_train_batch_size * (cfg.max_source_length + cfg.max_target_length)),
+        parameters, 0 if cfg.use_peft else parameters)
+    log(f"gradient checkpointing: {'on' if checkpointing else 'off'} ({why}; --gradient_checkpointing true/false)")
+    if checkpointing:
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     if cfg.use_peft:
         backbone.enable_input_require_grads()  # reentrant checkpointing needs a grad-carrying input
         backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                              adapter_dtype_float32=stage != 3)  # ZeRO-3 wants one dtype for all tensors
-    if cfg.torch_compile:
+                              adapter_dtype_float32=stage != 3,  # ZeRO-3 wants one dtype for all tensors
+                              under_autocast=accelerator.mixed_precision == "bf16")
+    compiled = compile_requested(cfg.torch_compile, accelerator.device)
+    if compiled:
         compile_decoder_layers(backbone)
+        log("torch.compile: on (each decoder layer, dynamic shapes; --torch_compile false turns it off)")
     model = RewardModel(backbone)
     numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 parameters are partitioned)
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
@@ -118,9 +130,7 @@ def setup(cfg: TrainConfig) -> Run:
                                       cfg.gradient_accumulation_steps, cfg.seed, cfg.packing,
                                       cfg.max_tokens_per_micro_batch, accelerator.num_processes,
                                       accelerator.device.type == "cuda")
-    eval_loader = (DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collator)
-                   if eval_set is not None else None)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
         raise ConfigError(f"gradient accumulation is {accelerator.gradient_accumulation_steps} after prepare, "
                           f"expected {cfg.gradient_accumulation_steps}: remove it from the accelerate yaml")
@@ -141,8 +151,9 @@ def setup(cfg: TrainConfig) -> Run:
     run_info = {"distributed_type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes,
                 "zero_stage": stage, "mixed_precision": accelerator.mixed_precision,
                 "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
-                "total_steps": total_steps, "train_pairs": len(train_set), "trainable_parameters": trainable}
-    return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, train_loader, eval_loader,
+                "total_steps": total_steps, "train_pairs": len(train_set), "trainable_parameters": trainable,
+                "gradient_checkpointing": checkpointing, "torch_compile": compiled}
+    return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, train_loader, eval_set,
                DataPosition(accelerator, train_loader, position, total_steps, epochs), total_steps,
                position.history, run_info)
 
@@ -179,14 +190,18 @@ def train_loop(run: Run, guard: StepGuard) -> int:
         progress.update(1)
         if step == 1:
             run.run_info["first_step_unix_time"] = first_step_time(accelerator)  # read by rm.bench
+            run.run_info["compiled_graphs_first_step"] = compiled_graphs()
 
         if step % cfg.logging_steps == 0 or step == run.total_steps:
             metrics = window.collect(lr=run.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                                      epoch=run.data.epoch + 1)
             record(run, step, metrics)
             progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/accuracy']:.3f}")
-        if run.eval_loader is not None and step % cfg.eval_steps == 0 and step < run.total_steps:
-            record(run, step, {f"eval/{k}": v for k, v in evaluate(accelerator, model, run.eval_loader).items()})
+        if run.eval_set is not None and step % cfg.eval_steps == 0 and step < run.total_steps:
+            record(run, step, {f"eval/{k}": v for k, v in
+                               evaluate(accelerator, model, run.eval_set, cfg.max_tokens_per_micro_batch).items()})
+        if step % cfg.save_steps == 0 or step >= run.total_steps:
+            guard.settle()  # the last step's non-finite check, read now: no checkpoint or export holds such a step
         if step % cfg.save_steps == 0 or (guard.stop_requested and step < run.total_steps):
             saved = save_checkpoint(accelerator, cfg, run.data.after_step(step, run.history), run.scheduler)
             run.log(f"saved checkpoint {saved}")
@@ -220,9 +235,9 @@ def finish(run: Run, step: int) -> dict[str, Any]:
     cfg, accelerator = run.cfg, run.accelerator
     final: dict[str, Any] = {"step": step}
     eval_rewards, reward_stats = None, None
-    if run.eval_loader is not None:
+    if run.eval_set is not None:
         try:
-            eval_rewards = collect_rewards(accelerator, run.model, run.eval_loader)
+            eval_rewards = collect_rewards(accelerator, run.model, run.eval_set, cfg.max_tokens_per_micro_batch)
             final.update({f"eval/{k}": v for k, v in summarize_rewards(*eval_rewards).items()})
             reward_stats = {"mean": final["eval/reward_mean"], "std": final["eval/reward_std"]}  # for rm.score
             accelerator.log({k: v for k, v in final.items() if k != "step"}, step=step)
@@ -232,6 +247,11 @@ def finish(run: Run, step: int) -> dict[str, Any]:
     if train_logs:
         final.update({k: v for k, v in train_logs[-1].items() if k.startswith("train/")})
     exported_config = {**(reward_stats or {}), "reward_position": cfg.reward_position}  # read by rm.score
+    if run.run_info["torch_compile"]:
+        run.run_info["compiled_graphs"] = compiled_graphs()  # more than at the first step: recompiled after warm-up
+        run.log(f"torch.compile: {run.run_info['compiled_graphs']} graphs built, "
+                f"{run.run_info['compiled_graphs'] - run.run_info.get('compiled_graphs_first_step', 0)} "
+                "after the first step")
     merged_dir = export_reward_model(accelerator, run.model, run.tokenizer, cfg.output_dir,
                                      extra_config=exported_config)
     if accelerator.is_main_process:

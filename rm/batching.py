@@ -15,14 +15,12 @@ step's micro-batches and divided by GA by accelerate / DeepSpeed):
   advance `accelerator.accumulate`'s counter, so accelerate's GA bookkeeping, DeepSpeed's accumulation boundary,
   `len(train_loader)` and resume arithmetic (micro-batches = steps x GA) are unchanged.
 - A packed micro-batch is one row of concatenated sequences with position ids restarting per sequence. On CUDA in
-  bf16/fp16 its attention runs through torch's flash varlen kernel (`varlen_attention`, no compile); elsewhere
-  transformers' SDPA builds a block-diagonal causal mask from the restarting position ids.
+  bf16 its attention runs through torch's flash varlen kernel (rm/attention.py); elsewhere transformers' SDPA
+  builds a block-diagonal causal mask from the restarting position ids.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import itertools
 import math
 from typing import Any, Iterator, Sequence
@@ -31,7 +29,6 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens", "max_length")
-VARLEN_ATTENTION = "rm_varlen"
 
 Unit = list[int]  # dataset indices of one plain micro-batch
 
@@ -178,66 +175,3 @@ def build_train_loader(train_set: Any, collator: Any, batch_size: int, gradient_
                                 num_processes, generator)
     return DataLoader(KeyedPairs(train_set), batch_sampler=sampler, collate_fn=PackedPairCollator(), generator=generator,
                       **loading)  # the loader draws its worker seed from the generator too, as the plain one does
-
-
-# ---- attention for packed rows on CUDA: torch's flash varlen kernel (torch >= 2.10), no compile step
-
-def varlen_available(device: torch.device) -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return device.type == "cuda"
-
-
-def _varlen_options(query_heads: int, kv_heads: int) -> dict[str, Any]:
-    """varlen_attn's causal/GQA keywords: torch 2.11 and 2.13 differ (is_causal vs window_size, enable_gqa).
-    Read once at enable time, outside any torch.compile trace."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = inspect.signature(varlen_attn).parameters
-    options: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    if query_heads != kv_heads and "enable_gqa" in params:
-        options["enable_gqa"] = True
-    return options
-
-
-def _varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, *, varlen_options: dict[str, Any],
-                      **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention function: packed rows (cu_seq_lens given) through flash varlen, else SDPA."""
-    from torch.nn.attention.varlen import varlen_attn
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    cu_seq_lens = kwargs.get("packed_cu_seq_lens")
-    if cu_seq_lens is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    # (1, heads, tokens, dim) -> (tokens, heads, dim), in the autocast dtype as SDPA would run (with fp32 weights
-    # Qwen3's q/k norms return fp32 even under autocast)
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else value.dtype
-    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
-    if k.shape[1] != q.shape[1] and "enable_gqa" not in varlen_options:
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    max_length = kwargs["packed_max_length"]
-    out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=kwargs.get("scaling"),
-                      **varlen_options)
-    return out[None], None  # (1, tokens, heads, dim), as transformers' attention functions return
-
-
-def _varlen_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """Packed rows need no mask (boundaries come from cu_seq_lens); padded rows get SDPA's."""
-    from transformers.masking_utils import sdpa_mask
-
-    return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
-
-
-def enable_varlen_attention(model: torch.nn.Module) -> None:
-    """Route the model's attention through `_varlen_attention` (packed rows) / SDPA (padded rows)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    config = model.config
-    options = _varlen_options(config.num_attention_heads, config.num_key_value_heads)
-    AttentionInterface.register(VARLEN_ATTENTION, functools.partial(_varlen_attention, varlen_options=options))
-    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
-    model.set_attn_implementation(VARLEN_ATTENTION)

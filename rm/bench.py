@@ -40,6 +40,7 @@ CONFIGS: dict[str, tuple[list[str], str, str | None]] = {
     "full-ft-nogc": (FULL + NO_CKPT, "train", None),
     "full-ft-nogc-compile": (FULL + NO_CKPT + COMPILE, "train", None),
     "full-ft-maxlen": (FULL + NO_CKPT, "maxlen", None),
+    "full-ft-maxlen-default": (FULL, "maxlen", None),  # the speed defaults: checkpointing and compile as on CUDA
     "full-ft-maxlen-compile": (FULL + NO_CKPT + COMPILE, "maxlen", None),
     "full-ft-maxlen-zero2": (FULL + NO_CKPT, "maxlen", ZERO2),
 }
@@ -133,7 +134,8 @@ def flops_per_token(model_dir: Path, data: str, max_pairs: int) -> tuple[float, 
 def packed_matches_padded(model_dir: Path, data: str, pairs: int = 8) -> tuple[float, float]:
     """Relative difference between the rewards of packed rows (varlen attention on CUDA) and of padded rows, and
     as the bf16 noise floor, between padded rows batched together and one pair at a time."""
-    from rm.batching import KeyedPairs, PackedPairCollator, enable_varlen_attention, model_inputs, varlen_available
+    from rm.attention import enable_varlen_attention, varlen_available
+    from rm.batching import KeyedPairs, PackedPairCollator, model_inputs
     from rm.encoding import PairCollator, PairEncoder, build_dataset
     from rm.model import RewardModel, load_backbone, load_tokenizer
 

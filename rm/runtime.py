@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 from transformers import get_scheduler
 
 from rm.config import ConfigError, TrainConfig
@@ -84,6 +84,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         log_with=trackers,
         project_dir=cfg.output_dir,
         kwargs_handlers=handlers,
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # pinned batches: no sync per copy
     )
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None and not torch.cuda.is_available():

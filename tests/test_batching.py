@@ -106,3 +106,39 @@ def test_bench_smoke_measures_both_paths(tmp_path):
     # the same pairs in the same steps: the same loss curve
     torch.testing.assert_close(torch.tensor(results[0]["losses"]), torch.tensor(results[1]["losses"]), rtol=1e-4,
                                atol=1e-5)
+
+
+def test_packed_evaluation_gives_every_pair_its_padded_reward_whatever_the_budget(tiny_model, tokenizer):
+    """Evaluation packs by token budget: the rewards (in the pairs' order) are each pair's own padded-row rewards,
+    for a budget that packs everything into one row and for one that puts each pair alone."""
+    from accelerate import Accelerator
+
+    from rm.evaluate import collect_rewards
+    from rm.model import RewardModel
+
+    torch.manual_seed(2)
+    rows = [{"chosen_input_ids": torch.randint(5, 4000, (n,)).tolist(),
+             "rejected_input_ids": torch.randint(5, 4000, (m,)).tolist(), "margin": 0.5 * i}
+            for i, (n, m) in enumerate([(9, 4), (3, 12), (7, 7), (20, 5), (6, 6)])]
+    from datasets import Dataset
+
+    model = RewardModel(tiny_model)
+    with torch.no_grad():
+        expected = [model(**model_inputs(PairCollator(tokenizer.pad_token_id)([row]))) for row in rows]
+    for budget in (1000, 1):
+        chosen, rejected, margin = collect_rewards(Accelerator(cpu=True), model, Dataset.from_list(rows), budget)
+        torch.testing.assert_close(chosen, torch.stack([e[0] for e in expected]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rejected, torch.stack([e[1] for e in expected]), rtol=1e-5, atol=1e-6)
+        assert margin.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+def test_eval_rows_cover_every_pair_once_with_the_same_forwards_everywhere():
+    from rm.evaluate import eval_rows
+
+    tokens = [30, 50, 20, 90, 10, 40, 40]
+    for processes in (1, 2, 3, 8):
+        per_process, forwards = eval_rows(tokens, 100, processes)
+        assert sorted(i for rows in per_process for row in rows for i in row) == list(range(len(tokens)))
+        assert forwards == max(len(rows) for rows in per_process)
+        for rows in per_process:
+            assert all(len(row) == 1 or sum(tokens[i] for i in row) <= 100 for row in rows)

@@ -101,3 +101,22 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model, use_lora):
     AcceleratorState._reset_state(True)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_checkpointing_follows_an_explicit_choice_and_stays_on_without_cuda(tiny_model):
+    from rm.model import needs_checkpointing
+
+    cpu = torch.device("cpu")
+    assert needs_checkpointing(True, tiny_model.config, cpu, 10**6, 10, 10)[0] is True
+    assert needs_checkpointing(False, tiny_model.config, cpu, 10**6, 10, 10)[0] is False
+    assert needs_checkpointing(None, tiny_model.config, cpu, 16384, 10, 10)[0] is True  # the original default
+
+
+def test_lora_under_autocast_skips_the_fp32_input_cast(tiny_model):
+    from peft.tuners.lora import Linear as LoraLinear
+
+    wrapped = apply_lora(copy.deepcopy(tiny_model), 4, 8.0, 0.0, "all", under_autocast=True)
+    layers = [m for m in wrapped.modules() if isinstance(m, LoraLinear)]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    assert all(m.cast_input_dtype_enabled for m in apply_lora(copy.deepcopy(tiny_model), 4, 8.0, 0.0, "all").modules()
+               if isinstance(m, LoraLinear))
