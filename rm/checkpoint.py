@@ -9,8 +9,8 @@ the COMPLETE marker last and renames the directory into place. A crash mid-save 
 run with EXIT_NO_SPACE and removes the partial save.
 
 Resuming never runs code from a checkpoint: it is used only when its manifest matches every file and every file
-that is unpickled at resume loads with torch.load(weights_only=True) and ALLOWED_GLOBALS (the numpy types of the RNG
-states, three DeepSpeed types of its optimizer states, measured on ZeRO-1/2/3 checkpoints); DeepSpeed's own loads
+that is unpickled at resume loads with torch.load(weights_only=True) and allowed_globals() (the numpy types of the
+RNG states, three DeepSpeed types of its optimizer states, measured on ZeRO-1/2/3 checkpoints); DeepSpeed's own loads
 run restricted the same way. `latest` skips a damaged checkpoint (with a warning naming the file) for the one
 before; a checkpoint that holds anything but plain data is refused. Assumes output_dir is one file system seen by
 every node, as multi-node ZeRO checkpoints need anyway.
@@ -160,10 +160,13 @@ def _take_lock(lock: str) -> dict[str, Any]:
             continue  # released meanwhile
         except (OSError, ValueError):
             holder = {}
-        running = _holder_is_running(holder) if holder else None
+        if not isinstance(holder, dict) or not holder:
+            raise ConfigError(f"output_dir {folder!r} has an unreadable lock {lock}: if no run writes there, "
+                              "delete it")
+        running = _holder_is_running(holder)
         if running is None:
-            raise ConfigError(f"output_dir {folder!r} is in use by another run ({_describe(holder)}), or was left "
-                              f"locked by one that died on another host: if no run writes there, delete {lock}")
+            raise ConfigError(f"output_dir {folder!r} is locked by {_describe(holder)}: a run on another host, which "
+                              f"cannot be checked from here; if no run writes there, delete {lock}")
         if running:
             raise ConfigError(f"output_dir {folder!r} is in use by another run: {_describe(holder)}; wait for it "
                               "to finish or choose another output_dir")
@@ -352,19 +355,43 @@ def verify_checkpoint(checkpoint: str) -> None:
                 f"({_refusal_reason(err)}); nothing from this checkpoint was loaded") from None
 
 
+def _check_settings(checkpoint: str, cfg: TrainConfig) -> None:
+    """A checkpoint saved with other settings is another run's: refused whatever its state (its config may be
+    unreadable: verify_checkpoint then names that file)."""
+    try:
+        saved = _read_json(checkpoint, CONFIG_FILE)
+    except CheckpointError:
+        return
+    differences = _config_differences(saved, cfg)
+    if differences:
+        raise ConfigError(f"--resume_from_checkpoint {checkpoint!r} was saved by a run with other settings ("
+                          + "; ".join(differences) + "); resume with the original settings")
+
+
 def _choose_checkpoint(cfg: TrainConfig) -> str:
+    """The checkpoint to resume from, its settings checked and its files verified. `latest`: the newest complete
+    one that is not damaged (each damaged one skipped with a warning naming the file)."""
     if cfg.resume_from_checkpoint != "latest":
         checkpoint = cfg.resume_from_checkpoint
         if not os.path.isdir(checkpoint):
             raise ConfigError(f"--resume_from_checkpoint {checkpoint!r}: no such directory")
+        if not is_complete(checkpoint):
+            raise ConfigError(f"--resume_from_checkpoint {checkpoint!r}: incomplete checkpoint (no {COMPLETE_MARKER} "
+                              "marker: its save was interrupted); resume from an earlier one or from 'latest'")
+        _check_settings(checkpoint, cfg)
+        _check_output_dir_holds_this_run(cfg)
         try:
             verify_checkpoint(checkpoint)
         except DamagedCheckpointError as err:
             raise DamagedCheckpointError(f"--resume_from_checkpoint {checkpoint!r}: {err}; resume from an earlier "
                                          "checkpoint or from 'latest'") from None
         return checkpoint
+    candidates = complete_checkpoints(cfg.output_dir)
+    if not candidates:
+        raise ConfigError(f"--resume_from_checkpoint latest: no complete checkpoint in output_dir {cfg.output_dir!r}")
     skipped = []
-    for checkpoint in reversed(complete_checkpoints(cfg.output_dir)):
+    for checkpoint in reversed(candidates):
+        _check_settings(checkpoint, cfg)
         try:
             verify_checkpoint(checkpoint)
         except DamagedCheckpointError as err:
@@ -372,8 +399,16 @@ def _choose_checkpoint(cfg: TrainConfig) -> str:
             skipped.append(os.path.basename(checkpoint))
             continue
         return checkpoint
-    raise ConfigError(f"--resume_from_checkpoint latest: no usable checkpoint in output_dir {cfg.output_dir!r}"
-                      + (f" ({', '.join(skipped)} damaged, see the warnings above)" if skipped else ""))
+    raise ConfigError(f"--resume_from_checkpoint latest: no usable checkpoint in output_dir {cfg.output_dir!r} "
+                      f"({', '.join(skipped)} damaged, see the warnings above)")
+
+
+def _check_output_dir_holds_this_run(cfg: TrainConfig) -> None:
+    others = [name for name in os.listdir(cfg.output_dir) if name != RUN_LOCK] if os.path.isdir(cfg.output_dir) \
+        else []
+    if others and not any(_is_this_run(path, cfg) for path in complete_checkpoints(cfg.output_dir)):
+        raise ConfigError(f"output_dir {cfg.output_dir!r} holds another run (no checkpoint with these settings); "
+                          "resume into an empty output_dir or the run's own")
 
 
 # ---------------------------------------------------------------------------------------------- the train data
@@ -453,15 +488,6 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
             _remove_previous_run(cfg.output_dir)
         return None
     checkpoint = _choose_checkpoint(cfg)
-    differences = _config_differences(_read_json(checkpoint, CONFIG_FILE), cfg)
-    if differences:
-        raise ConfigError(f"--resume_from_checkpoint {checkpoint!r} was saved by a run with other settings ("
-                          + "; ".join(differences) + "); resume with the original settings")
-    others = [name for name in os.listdir(cfg.output_dir) if name != RUN_LOCK] if os.path.isdir(cfg.output_dir) \
-        else []
-    if others and not any(_is_this_run(path, cfg) for path in complete_checkpoints(cfg.output_dir)):
-        raise ConfigError(f"output_dir {cfg.output_dir!r} holds another run (no checkpoint with these settings); "
-                          "resume into an empty output_dir or the run's own")
     _STARTED_WITH[key] = train_data_fingerprint(cfg.train_file_dir)
     _check_train_data(checkpoint, cfg, _STARTED_WITH[key])
     return checkpoint

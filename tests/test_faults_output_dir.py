@@ -70,8 +70,8 @@ def holder(pid: int, host: str | None = None, process_start: str | None = "same"
 LOCKS = {
     "live_run_on_this_host": (lambda pid: holder(pid), True, ["is in use by another run: pid {pid} on host"]),
     "run_on_another_host": (lambda pid: holder(pid, host="node-17"), True,
-                            ["pid {pid} on host node-17", "if no run writes there, delete {lock}"]),
-    "unreadable_lock": (lambda pid: "not json", True, ["is in use by another run", "delete {lock}"]),
+                            ["is locked by pid {pid} on host node-17", "if no run writes there, delete {lock}"]),
+    "unreadable_lock": (lambda pid: "not json", True, ["has an unreadable lock {lock}", "delete it"]),
     "dead_pid": (lambda pid: holder(dead_pid(), process_start=None), False, ["no longer running", "taking over"]),
     "pid_reused_by_another_process": (lambda pid: holder(pid, process_start="another-boot:1"), False,
                                       ["no longer running", "taking over its lock {lock}"]),
