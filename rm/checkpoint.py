@@ -535,9 +535,11 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, position: Positi
         full = _out_of_space(err, cfg.output_dir)
         shutil.rmtree(staging, ignore_errors=True)
         if full:
+            earlier = latest_checkpoint(cfg.output_dir)
+            then = (f"the earlier checkpoints are kept (newest: {os.path.basename(earlier)}). Free space, then resume "
+                    f"with: {resume_command()}") if earlier else "no checkpoint was saved yet. Free space and run again"
             raise DiskFullError(f"no space left on device while saving {name} to {cfg.output_dir}; the partial save "
-                                "was removed and the earlier checkpoints are kept. Free space, then resume with: "
-                                f"{resume_command()}") from err
+                                f"was removed, {then}") from err
         raise
     accelerator.wait_for_everyone()
     return final

@@ -325,12 +325,15 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(folder)], check=True)
 
 
-@pytest.mark.parametrize("size,fails_at,kept", [("2m", 1, []), ("6m", 2, ["checkpoint-1"])])
-def test_full_disk_while_saving_a_checkpoint(data_dir, small_disk, call_main, size, fails_at, kept):
+@pytest.mark.parametrize("size,fails_at,kept,then", [
+    ("2m", 1, [], "no checkpoint was saved yet"),
+    ("6m", 2, ["checkpoint-1"], "the earlier checkpoints are kept (newest: checkpoint-1). Free space, then resume")])
+def test_full_disk_while_saving_a_checkpoint(data_dir, small_disk, call_main, size, fails_at, kept, then):
     out = small_disk(size)  # a plain checkpoint takes ~4.1 MB: the first or the second save runs out of space
     code, err = call_main(*run_args(data_dir), "--output_dir", out)
     assert code == EXIT_NO_SPACE, err
-    assert f"no space left on device while saving checkpoint-{fails_at} to {out}" in err, err
+    assert f"no space left on device while saving checkpoint-{fails_at} to {out}; the partial save was removed" in err
+    assert then in err, err
     assert "Traceback" not in err and "inline_container" not in err
     assert sorted(p.name for p in out.iterdir()) == kept  # no staging folder, no lock
     assert not [p for p in out.iterdir() if p.name.startswith(STAGING_PREFIX)]
