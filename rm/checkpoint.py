@@ -494,7 +494,7 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def _out_of_space(err: BaseException, folder: str) -> bool:
+def is_out_of_space(err: BaseException, folder: str) -> bool:
     """A failed write ran out of space: ENOSPC/EDQUOT somewhere in the exception chain (safetensors and torch wrap
     it in their own errors, torch's zip writer without any errno), or the file system is full now."""
     seen: BaseException | None = err
@@ -509,6 +509,14 @@ def _out_of_space(err: BaseException, folder: str) -> bool:
     except OSError:
         return False
     return stats.f_bavail * stats.f_frsize < SPACE_MARGIN
+
+
+def out_of_space_error(action: str, output_dir: str) -> DiskFullError:
+    """The plain words for a full disk: what was being written, and what is left to resume from."""
+    earlier = latest_checkpoint(output_dir)
+    then = (f"the earlier checkpoints are kept (newest: {os.path.basename(earlier)}). Free space, then resume with: "
+            f"{resume_command()}") if earlier else "no checkpoint was saved yet. Free space and run again"
+    return DiskFullError(f"no space left on device while {action}; the partial save was removed, {then}")
 
 
 def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, position: Position, scheduler: Any) -> str:
@@ -532,14 +540,10 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, position: Positi
             os.rename(staging, final)
             rotate_checkpoints(cfg.output_dir, cfg.save_total_limit)
     except Exception as err:
-        full = _out_of_space(err, cfg.output_dir)
+        full = is_out_of_space(err, cfg.output_dir)
         shutil.rmtree(staging, ignore_errors=True)
         if full:
-            earlier = latest_checkpoint(cfg.output_dir)
-            then = (f"the earlier checkpoints are kept (newest: {os.path.basename(earlier)}). Free space, then resume "
-                    f"with: {resume_command()}") if earlier else "no checkpoint was saved yet. Free space and run again"
-            raise DiskFullError(f"no space left on device while saving {name} to {cfg.output_dir}; the partial save "
-                                f"was removed, {then}") from err
+            raise out_of_space_error(f"saving {name} to {cfg.output_dir}", cfg.output_dir) from err
         raise
     accelerator.wait_for_everyone()
     return final

@@ -5,19 +5,22 @@ a fresh CPU copy of the model, so the export never touches the distributed model
   output_dir/model/    merged model + tokenizer: AutoModelForSequenceClassification.from_pretrained loads it
   output_dir/adapter/  the LoRA adapter with the trained score head (LoRA runs only)
 Both are left readable by others (files 0644, folders 0755) whatever the umask: safetensors writes 0600 files, and
-the people and jobs that load a reward model are often not the user who trained it.
+the people and jobs that load a reward model are often not the user who trained it. A full disk: the partial
+export is removed and the run stops with a plain message (DiskFullError, exit 5).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 from typing import Any
 
 from accelerate import Accelerator
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
+from rm.checkpoint import is_out_of_space, out_of_space_error
 from rm.model import RewardModel, no_zero3_init
 from rm.outputs import ADAPTER_DIR, DIR_MODE, FILE_MODE, MODEL_DIR
 
@@ -45,16 +48,27 @@ def export_reward_model(accelerator: Accelerator, model: nn.Module, tokenizer: A
         missing, unexpected = host_model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"export: state dict mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
-        if peft_config:
-            host_model.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
-            tokenizer.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
-            make_readable(os.path.join(output_dir, ADAPTER_DIR))
-            host_model = host_model.merge_and_unload()
-        host_model.save_pretrained(merged_dir)
-        tokenizer.save_pretrained(merged_dir)
-        make_readable(merged_dir)
+        try:
+            _write(host_model, tokenizer, output_dir, bool(peft_config))
+        except Exception as err:
+            if not is_out_of_space(err, output_dir):
+                raise
+            for folder in (ADAPTER_DIR, MODEL_DIR):  # a half-written model must not look loadable
+                shutil.rmtree(os.path.join(output_dir, folder), ignore_errors=True)
+            raise out_of_space_error(f"exporting the model to {merged_dir}", output_dir) from err
     accelerator.wait_for_everyone()
     return merged_dir
+
+
+def _write(host_model: nn.Module, tokenizer: Any, output_dir: str, lora: bool) -> None:
+    if lora:
+        host_model.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
+        tokenizer.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
+        make_readable(os.path.join(output_dir, ADAPTER_DIR))
+        host_model = host_model.merge_and_unload()
+    host_model.save_pretrained(os.path.join(output_dir, MODEL_DIR))
+    tokenizer.save_pretrained(os.path.join(output_dir, MODEL_DIR))
+    make_readable(os.path.join(output_dir, MODEL_DIR))
 
 
 def make_readable(folder: str) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT, train_command
 from rm.checkpoint import EXIT_NO_SPACE, restricted_load, verify_checkpoint, write_manifest
-from rm.outputs import MANIFEST, RUN_LOCK, STAGING_PREFIX
+from rm.outputs import MANIFEST, RUN_LOCK
 
 KINDS = {"plain": None, "zero2_lora": "zero2_1node.yaml", "zero3": "zero3_1node.yaml"}
 PORTS = {"zero2_lora": 29741, "zero3": 29742}
@@ -325,17 +325,23 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(folder)], check=True)
 
 
-@pytest.mark.parametrize("size,fails_at,kept,then", [
-    ("2m", 1, [], "no checkpoint was saved yet"),
-    ("6m", 2, ["checkpoint-1"], "the earlier checkpoints are kept (newest: checkpoint-1). Free space, then resume")])
-def test_full_disk_while_saving_a_checkpoint(data_dir, small_disk, call_main, size, fails_at, kept, then):
-    out = small_disk(size)  # a plain checkpoint takes ~4.1 MB: the first or the second save runs out of space
-    code, err = call_main(*run_args(data_dir), "--output_dir", out)
+DISK_FULL = {  # case: (tmpfs size, extra args, what was being written, what is kept, what to do next)
+    "first_checkpoint": ("2m", [], "saving checkpoint-1 to {out}", [], "no checkpoint was saved yet"),
+    "second_checkpoint": ("6m", [], "saving checkpoint-2 to {out}", ["checkpoint-1"],
+                          "the earlier checkpoints are kept (newest: checkpoint-1). Free space, then resume"),
+    "export": ("1m", ["--save_steps", "100"], "exporting the model to {out}/model", [],
+               "no checkpoint was saved yet"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DISK_FULL))
+def test_full_disk_while_saving(data_dir, small_disk, call_main, case):
+    size, extra, action, kept, then = DISK_FULL[case]
+    out = small_disk(size)  # a plain checkpoint takes ~4.1 MB, the exported model ~1.6 MB
+    code, err = call_main(*run_args(data_dir), "--output_dir", out, *extra)
     assert code == EXIT_NO_SPACE, err
-    assert f"no space left on device while saving checkpoint-{fails_at} to {out}; the partial save was removed" in err
-    assert then in err, err
+    assert f"no space left on device while {action.format(out=out)}; the partial save was removed, {then}" in err
     assert "Traceback" not in err and "inline_container" not in err
-    assert sorted(p.name for p in out.iterdir()) == kept  # no staging folder, no lock
-    assert not [p for p in out.iterdir() if p.name.startswith(STAGING_PREFIX)]
+    assert sorted(p.name for p in out.iterdir()) == kept  # no staging folder, no partial model, no lock
     for name in kept:
         verify_checkpoint(str(out / name))
