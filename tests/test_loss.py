@@ -5,21 +5,32 @@ import torch
 from rm.loss import pair_statistics, pairwise_loss, reward_metrics, split_rewards
 
 
+def softplus(x: float) -> float:
+    return math.log(1 + math.exp(x))
+
+
 def test_pairwise_loss_matches_hand_computed_values():
-    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
-    expected = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(1.0))) / 2
+    """Differences 1 and -0.5 (not symmetric: swapping chosen and rejected changes the value)."""
+    chosen, rejected = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.0])
+    expected = (softplus(-1.0) + softplus(0.5)) / 2
     assert math.isclose(pairwise_loss(chosen, rejected).item(), expected, rel_tol=1e-6)
+
+
+def test_per_pair_weights_make_a_weighted_sum():
+    chosen, rejected, weights = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.0]), torch.tensor([0.25, 1.0])
+    expected = 0.25 * softplus(-1.0) + 1.0 * softplus(0.5)
+    assert math.isclose(pairwise_loss(chosen, rejected, weights=weights).item(), expected, rel_tol=1e-6)
 
 
 def test_margin_shifts_the_difference():
     chosen, rejected, margin = torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0.5])
-    assert math.isclose(pairwise_loss(chosen, rejected, margin).item(), math.log(1 + math.exp(-0.5)), rel_tol=1e-6)
+    assert math.isclose(pairwise_loss(chosen, rejected, margin).item(), softplus(-0.5), rel_tol=1e-6)
 
 
 def test_centering_adds_squared_sum():
-    chosen, rejected = torch.tensor([3.0]), torch.tensor([1.0])
-    base = pairwise_loss(chosen, rejected).item()
-    assert math.isclose(pairwise_loss(chosen, rejected, center_rewards_coefficient=0.1).item(), base + 0.1 * 16,
+    chosen, rejected = torch.tensor([3.0, -1.0]), torch.tensor([1.0, -2.0])
+    expected = (softplus(-2.0) + softplus(-1.0)) / 2 + 0.1 * (16 + 9) / 2
+    assert math.isclose(pairwise_loss(chosen, rejected, center_rewards_coefficient=0.1).item(), expected,
                         rel_tol=1e-6)
 
 
@@ -43,7 +54,7 @@ def test_metrics_against_hand_computed_values():
     mean = sum(both) / 6
     assert math.isclose(m["reward_mean"], mean)
     assert math.isclose(m["reward_std"], math.sqrt(sum((x - mean) ** 2 for x in both) / 6))
-    assert math.isclose(m["loss"], pairwise_loss(chosen, rejected).item(), rel_tol=1e-6)
+    assert math.isclose(m["loss"], (softplus(-1.0) + softplus(1.0) + softplus(-2.0)) / 3, rel_tol=1e-6)
 
 
 def test_pair_statistics_are_sums():
