@@ -42,27 +42,32 @@ def test_existing_output_dir_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", *QUICK, "--output_dir", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "--overwrite_output_dir" in proc.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"] and (tmp_path / "keep.txt").read_text() == "earlier work"
 
 
-def expected_linear_lr(step: int, total: int, warmup: int, peak: float) -> float:
+def expected_lr(schedule: str, step: int, total: int, warmup: int, peak: float) -> float:
+    """transformers' linear and cosine (half a cycle) schedules with linear warmup, after `step` optimizer steps."""
     if step < warmup:
         return peak * step / warmup
-    return peak * max(0.0, (total - step) / (total - warmup))
+    progress = (step - warmup) / (total - warmup)
+    return peak * (max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_lr_schedule_steps_once_per_optimizer_step(tmp_path, processes):
-    """6 optimizer steps, warmup 3: the LR after step k is the same on 1 and on 2 processes (a real gloo run)."""
+@pytest.mark.parametrize("schedule, packing, processes", [("linear", "true", 2), ("linear", "false", 1),
+                                                          ("cosine", "true", 1), ("cosine", "false", 1)])
+def test_lr_schedule_steps_once_per_optimizer_step(tmp_path, schedule, packing, processes):
+    """6 optimizer steps of GA 2, warmup 3: the LR logged after every step is the schedule's formula, on the packed
+    path (placeholders skip part of the loop body) and the plain one, and on 2 processes (a real gloo run)."""
     _, metrics, info = run_train(tmp_path / "lr", *QUICK, "--max_steps", 6, "--warmup_ratio", 0.5,
-                                 "--logging_steps", 1, "--eval_steps", 100, "--learning_rate", 1e-3,
+                                 "--lr_scheduler_type", schedule, "--packing", packing, "--logging_steps", 1,
+                                 "--eval_steps", 100, "--learning_rate", 1e-3, "--max_train_samples", 48,
                                  "--max_eval_samples", 8, processes=processes, port=29531)
-    assert info["num_processes"] == processes
+    assert info["num_processes"] == processes and info["gradient_accumulation_steps"] == 2
     assert info["distributed_type"] == ("MULTI_CPU" if processes == 2 else "NO")
     lrs = [h["train/lr"] for h in metrics["history"] if "train/lr" in h]
     assert len(lrs) == 6
     for step, lr in enumerate(lrs, start=1):
-        assert math.isclose(lr, expected_linear_lr(step, 6, 3, 1e-3), abs_tol=1e-12), (step, lr)
+        assert math.isclose(lr, expected_lr(schedule, step, 6, 3, 1e-3), abs_tol=1e-12), (step, lr)
 
 
 def test_from_a_causal_lm_checkpoint_the_new_head_is_initialised(tmp_path, pretrained_causal_lm_dir):
