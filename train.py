@@ -112,8 +112,8 @@ def setup(cfg: TrainConfig) -> Run:
         backbone.enable_input_require_grads()  # reentrant checkpointing needs a grad-carrying input
         backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                               adapter_dtype_float32=stage != 3,  # ZeRO-3 wants one dtype for all tensors
-                              under_autocast=accelerator.mixed_precision == "bf16")
-    compiled = compile_requested(cfg.torch_compile, accelerator.device)
+                              under_autocast=accelerator.mixed_precision == "bf16" and stage == 0)
+    compiled = compile_requested(cfg.torch_compile, accelerator.device, stage)
     if compiled:
         compile_decoder_layers(backbone)
         log("torch.compile: on (each decoder layer, dynamic shapes; --torch_compile false turns it off)")

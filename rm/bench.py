@@ -28,21 +28,25 @@ ROOT = Path(__file__).resolve().parent.parent
 QWEN3_06B_SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
                        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
-FULL, NO_CKPT, COMPILE = ["--use_peft", "false"], ["--gradient_checkpointing", "false"], ["--torch_compile", "true"]
+FULL, COMPILE = ["--use_peft", "false"], ["--torch_compile", "true"]
+CKPT, NO_CKPT = ["--gradient_checkpointing", "true"], ["--gradient_checkpointing", "false"]
+EAGER = ["--torch_compile", "false"]
 ZERO2 = "accelerate_configs/zero2_1node.yaml"  # on one process: bf16 weights, fp32 master copy in DeepSpeed
-# name: (train.py arguments, data: "train" or "maxlen", accelerate yaml or None for plain `python train.py`)
+# name: (train.py arguments, data: "train" or "maxlen", accelerate yaml or None for plain `python train.py`).
+# Every row but full-ft-maxlen-default names checkpointing and compile: it means the same whatever the defaults.
 CONFIGS: dict[str, tuple[list[str], str, str | None]] = {
-    "lora-default": ([], "train", None),  # the original defaults: LoRA r8 all-linear, 1 pair x GA 8, checkpointing
-    "lora-default-compile": (COMPILE, "train", None),
-    "full-ft": (FULL, "train", None),
-    "full-ft-compile": (FULL + COMPILE, "train", None),
-    "full-ft-zero2": (FULL, "train", ZERO2),
-    "full-ft-nogc": (FULL + NO_CKPT, "train", None),
+    "lora-default": (CKPT + EAGER, "train", None),  # the original defaults: LoRA r8 all-linear, 1 pair x GA 8
+    "lora-default-compile": (CKPT + COMPILE, "train", None),
+    "full-ft": (FULL + CKPT + EAGER, "train", None),
+    "full-ft-compile": (FULL + CKPT + COMPILE, "train", None),
+    "full-ft-zero2": (FULL + CKPT + EAGER, "train", ZERO2),
+    "full-ft-nogc": (FULL + NO_CKPT + EAGER, "train", None),
     "full-ft-nogc-compile": (FULL + NO_CKPT + COMPILE, "train", None),
-    "full-ft-maxlen": (FULL + NO_CKPT, "maxlen", None),
-    "full-ft-maxlen-default": (FULL, "maxlen", None),  # the speed defaults: checkpointing and compile as on CUDA
+    "full-ft-maxlen": (FULL + NO_CKPT + EAGER, "maxlen", None),
+    "full-ft-maxlen-default": (FULL, "maxlen", None),  # checkpointing and compile as train.py resolves them
     "full-ft-maxlen-compile": (FULL + NO_CKPT + COMPILE, "maxlen", None),
-    "full-ft-maxlen-zero2": (FULL + NO_CKPT, "maxlen", ZERO2),
+    "full-ft-maxlen-zero2": (FULL + NO_CKPT + EAGER, "maxlen", ZERO2),
+    "full-ft-maxlen-zero3": (FULL + NO_CKPT + EAGER, "maxlen", "accelerate_configs/zero3_1node.yaml"),
 }
 
 

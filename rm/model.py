@@ -137,9 +137,10 @@ def needs_checkpointing(requested: bool | None, config: Any, device: torch.devic
                      f"{left / 2**30:.0f} GiB left after the weights and optimizer states")
 
 
-def compile_requested(requested: bool | None, device: torch.device) -> bool:
-    """--torch_compile: an explicit true/false wins; unset, compile on CUDA."""
-    return requested if requested is not None else device.type == "cuda"
+def compile_requested(requested: bool | None, device: torch.device, zero_stage: int) -> bool:
+    """--torch_compile: an explicit true/false wins; unset, compile on CUDA, except under ZeRO-3 (its parameter
+    gathering runs in module hooks, which a compiled layer would trace; not tried)."""
+    return requested if requested is not None else device.type == "cuda" and zero_stage < 3
 
 
 def compiled_graphs() -> int:
@@ -188,7 +189,8 @@ class RewardModel(nn.Module):
                 position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
                 max_length: int | None = None) -> torch.Tensor:
         """Padded rows (input_ids + attention_mask), or one packed row of sequences (input_ids + position_ids
-        restarting per sequence + cu_seq_lens boundaries, see rm/batching.py and rm/attention.py): one reward per sequence."""
+        restarting per sequence + cu_seq_lens boundaries, see rm/batching.py; rm/attention.py gets them as
+        transformers' cu_seq_lens_q/k and max_length_q/k): one reward per sequence."""
         seq_cls = self.hf_model
         backbone = getattr(seq_cls, seq_cls.base_model_prefix)
         if cu_seq_lens is None:

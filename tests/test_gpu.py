@@ -4,6 +4,8 @@ tokenizer, the sample data. On the GPU machine: `pytest -q tests/test_gpu.py`.
 - A run killed with SIGKILL at a random step and resumed with `--resume_from_checkpoint latest` follows the
   uninterrupted run's loss curve within 1e-2 (bf16), without DeepSpeed and under ZeRO-2.
 - `--torch_compile true` (compiled decoder layers around the flash varlen attention) follows the eager curve.
+- The default path compiles on CUDA and builds no graph after the first optimizer step (no recompiles), LoRA and
+  full fine-tuning alike, with an evaluation in the middle (evaluation runs eagerly).
 """
 
 import random
@@ -54,6 +56,16 @@ def test_bf16_sigkill_then_resume_follows_the_uninterrupted_curve(tmp_path, qwen
 
 def test_compiled_layers_follow_the_eager_curve(tmp_path, qwen3_shaped_model):
     args = ["--model_name_or_path", qwen3_shaped_model, *RUN, "--max_steps", 8, "--save_steps", 1000]
-    _, eager, _ = run_train(tmp_path / "eager", *args)
+    _, eager, _ = run_train(tmp_path / "eager", *args, "--torch_compile", "false")
     _, compiled, _ = run_train(tmp_path / "compiled", *args, "--torch_compile", "true")
     assert_same_curve(compiled, eager, tolerance=1e-2)
+
+
+@pytest.mark.parametrize("peft", ["true", "false"], ids=["lora", "full"])
+def test_default_path_compiles_once_and_never_again(tmp_path, qwen3_shaped_model, peft):
+    args = ["--model_name_or_path", qwen3_shaped_model, *RUN, "--use_peft", peft, "--max_steps", 30,
+            "--save_steps", 1000, "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 8,
+            "--validation_file_dir", "data/sample/eval.jsonl", "--eval_steps", 10]
+    _, _, info = run_train(tmp_path / "run", *args)
+    assert info["torch_compile"] is True
+    assert info["compiled_graphs"] == info["compiled_graphs_first_step"] >= 1

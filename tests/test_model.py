@@ -120,3 +120,12 @@ def test_lora_under_autocast_skips_the_fp32_input_cast(tiny_model):
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
     assert all(m.cast_input_dtype_enabled for m in apply_lora(copy.deepcopy(tiny_model), 4, 8.0, 0.0, "all").modules()
                if isinstance(m, LoraLinear))
+
+
+def test_compile_is_on_by_default_on_cuda_only_and_an_explicit_choice_wins():
+    from rm.model import compile_requested
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_requested(None, cuda, 0) and compile_requested(None, cuda, 2)
+    assert not compile_requested(None, cuda, 3) and not compile_requested(None, cpu, 0)
+    assert compile_requested(True, cpu, 0) and not compile_requested(False, cuda, 0)
