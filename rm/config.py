@@ -33,10 +33,13 @@ class TrainConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
     target_modules: str = field(default="all", metadata={
         "help": "'all' = every linear layer but the head, or a comma-separated list of module names."})
-    gradient_checkpointing: bool = field(default=True, metadata={
-        "help": "Recompute activations in backward: less memory, more compute."})
+    gradient_checkpointing: Optional[bool] = field(default=None, metadata={
+        "nargs": "?", "const": True,
+        "help": "Recompute activations in backward: less memory, more compute. Unset: on, except on CUDA when one "
+                "micro-batch's estimated activations fit in half the free memory (the log says which and why)."})
     bf16: Optional[bool] = field(default=None, metadata={
-        "nargs": "?", "const": True, "help": "bf16 mixed precision. Unset: what the accelerate launcher says (its yaml's mixed_precision; plain "
+        "nargs": "?", "const": True,
+        "help": "bf16 mixed precision. Unset: what the accelerate launcher says (its yaml's mixed_precision; plain "
                 "python: off). Set against the launcher's choice: refused. training_config.json records what ran."})
     # data
     train_file_dir: str = field(default="data/sample/train.jsonl", metadata={
@@ -63,8 +66,10 @@ class TrainConfig:
                 "one micro-batch per per_device_train_batch_size pairs); false = the plain path."})
     max_tokens_per_micro_batch: int = field(default=16384, metadata={
         "help": "Token budget of one packed micro-batch (a plain micro-batch is never split)."})
-    torch_compile: bool = field(default=False, metadata={
-        "help": "torch.compile each decoder layer (fuses norms and activations; the first steps pay the compile)."})
+    torch_compile: Optional[bool] = field(default=None, metadata={
+        "nargs": "?", "const": True,
+        "help": "torch.compile each decoder layer (fuses norms and activations; the first steps pay the compile). "
+                "Unset: on with CUDA (not under ZeRO-3), off elsewhere."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the train data (may be fractional)."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak AdamW learning rate."})
