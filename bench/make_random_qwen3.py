@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from rm.bench import build_random_model  # noqa: E402
+from rm.cli.bench import build_random_model  # noqa: E402
 from rm.model import TINY, load_tokenizer  # noqa: E402
 
 

@@ -28,7 +28,7 @@ ZERO2 = ROOT / "accelerate_configs/zero2_1node.yaml"
 
 @pytest.fixture(scope="module")
 def qwen3_shaped_model(tmp_path_factory):
-    from rm.bench import make_random_model
+    from rm.cli.bench import make_random_model
 
     return make_random_model(tmp_path_factory.mktemp("model") / "qwen3-0.6b", "qwen3-0.6b")
 

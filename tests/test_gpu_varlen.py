@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_packed_flash_varlen_rewards_equal_padded_rows(tmp_path):
     from rm.attention import varlen_available
-    from rm.bench import make_random_model, packed_matches_padded
+    from rm.cli.bench import make_random_model, packed_matches_padded
 
     assert varlen_available(torch.device("cuda")), "no flash varlen kernel: packed rows would not use it"
     model = make_random_model(tmp_path / "qwen3-0.6b", "qwen3-0.6b")
