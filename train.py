@@ -16,7 +16,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -95,33 +95,7 @@ def setup(cfg: TrainConfig) -> Run:
     check_enough_pairs(len(train_set), cfg, accelerator.num_processes)
 
     # ---- model: built after the Accelerator so ZeRO-3 can partition it as it loads
-    backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft), cfg.cache_dir,
-                             accelerator)
-    if varlen_available(accelerator.device) and accelerator.mixed_precision == "bf16":
-        enable_varlen_attention(backbone)  # packed rows (training, evaluation) through flash varlen (rm/attention.py)
-    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in backbone.parameters())
-    checkpointing, why = needs_checkpointing(
-        cfg.gradient_checkpointing, backbone.config, accelerator.device,
-        max(cfg.max_tokens_per_micro_batch if cfg.packing else 0,
-            2 * cfg.per_device_train_batch_size * (cfg.max_source_length + cfg.max_target_length)),
-        parameters, 0 if cfg.use_peft else parameters)
-    log(f"gradient checkpointing: {'on' if checkpointing else 'off'} ({why}; --gradient_checkpointing true/false)")
-    if checkpointing:
-        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    if cfg.use_peft:
-        backbone.enable_input_require_grads()  # reentrant checkpointing needs a grad-carrying input
-        backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                              adapter_dtype_float32=stage != 3,  # ZeRO-3 wants one dtype for all tensors
-                              under_autocast=accelerator.mixed_precision == "bf16" and stage == 0)
-    compiled = compile_requested(cfg.torch_compile, accelerator.device, stage)
-    if compiled:
-        compile_decoder_layers(backbone)
-        log("torch.compile: on (each decoder layer, dynamic shapes; --torch_compile false turns it off)")
-    model = RewardModel(backbone)
-    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 parameters are partitioned)
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    log(f"model: {cfg.model_name_or_path}, {sum(numel(p) for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{trainable / 1e6:.3f}M trainable ({'LoRA' if cfg.use_peft else 'full fine-tuning'})")
+    model, model_info = build_model(cfg, accelerator, tokenizer, log)
 
     # ---- optimizer, loaders, prepare; the LR schedule stays out of prepare (it would step once per process)
     optimizer = build_optimizer(model.parameters(), cfg)
@@ -151,11 +125,45 @@ def setup(cfg: TrainConfig) -> Run:
     run_info = {"distributed_type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes,
                 "zero_stage": stage, "mixed_precision": accelerator.mixed_precision,
                 "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
-                "total_steps": total_steps, "train_pairs": len(train_set), "trainable_parameters": trainable,
-                "gradient_checkpointing": checkpointing, "torch_compile": compiled}
+                "total_steps": total_steps, "train_pairs": len(train_set), **model_info}
     return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, train_loader, eval_set,
                DataPosition(accelerator, train_loader, position, total_steps, epochs), total_steps,
                position.history, run_info)
+
+
+def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any,
+                log: Callable[[str], None]) -> tuple[RewardModel, dict[str, Any]]:
+    """The reward model as this run trains it: backbone, packed-row attention, checkpointing, LoRA, compile.
+    Returns it with what was chosen (for run_info.json)."""
+    stage = zero_stage(accelerator)
+    backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft), cfg.cache_dir,
+                             accelerator)
+    if varlen_available(accelerator.device) and accelerator.mixed_precision == "bf16":
+        enable_varlen_attention(backbone)  # packed rows (training, evaluation) through flash varlen (rm/attention.py)
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 parameters are partitioned)
+    parameters = sum(numel(p) for p in backbone.parameters())
+    longest_micro_batch = max(cfg.max_tokens_per_micro_batch if cfg.packing else 0,
+                              2 * cfg.per_device_train_batch_size * (cfg.max_source_length + cfg.max_target_length))
+    checkpointing, why = needs_checkpointing(cfg.gradient_checkpointing, backbone.config, accelerator.device,
+                                             longest_micro_batch, parameters, 0 if cfg.use_peft else parameters)
+    log(f"gradient checkpointing: {'on' if checkpointing else 'off'} ({why}; --gradient_checkpointing true/false)")
+    if checkpointing:
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    if cfg.use_peft:
+        backbone.enable_input_require_grads()  # reentrant checkpointing needs a grad-carrying input
+        backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+                              adapter_dtype_float32=stage != 3,  # ZeRO-3 wants one dtype for all tensors
+                              under_autocast=accelerator.mixed_precision == "bf16" and stage == 0)
+    compiled = compile_requested(cfg.torch_compile, accelerator.device, stage)
+    if compiled:
+        compile_decoder_layers(backbone)
+        log("torch.compile: on (each decoder layer, dynamic shapes; --torch_compile false turns it off)")
+    model = RewardModel(backbone)
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    log(f"model: {cfg.model_name_or_path}, {sum(numel(p) for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{trainable / 1e6:.3f}M trainable ({'LoRA' if cfg.use_peft else 'full fine-tuning'})")
+    return model, {"trainable_parameters": trainable, "gradient_checkpointing": checkpointing,
+                   "torch_compile": compiled}
 
 
 def train_loop(run: Run, guard: StepGuard) -> int:

@@ -108,9 +108,9 @@ def describe_run(accelerator: Accelerator) -> str:
     """One line saying what runs: processes, distribution, precision, device."""
     processes = accelerator.num_processes
     stage = zero_stage(accelerator)
-    how = (f"DeepSpeed ZeRO-{stage}" if stage else "no DeepSpeed" if processes > 1 else "single process")
+    how = f"DeepSpeed ZeRO-{stage}" if stage else "no DeepSpeed"
     if processes > 1 and not stage:
-        how += f", {accelerator.distributed_type.value}"
+        how += f" ({accelerator.distributed_type.value})"
     precision = "bf16 mixed precision" if accelerator.mixed_precision == "bf16" else "fp32"
     return f"run: {processes} process{'es' if processes > 1 else ''}, {how}, {precision}, device {accelerator.device}"
 
