@@ -154,7 +154,7 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any,
         backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                               adapter_dtype_float32=stage != 3,  # ZeRO-3 wants one dtype for all tensors
                               under_autocast=accelerator.mixed_precision == "bf16" and stage == 0)
-    compiled = compile_requested(cfg.torch_compile, accelerator.device, stage)
+    compiled = compile_requested(cfg.torch_compile, accelerator.device, stage, cfg.use_peft)
     if compiled:
         compile_decoder_layers(backbone)
         log("torch.compile: on (each decoder layer, dynamic shapes; --torch_compile false turns it off)")

@@ -126,6 +126,7 @@ def test_compile_is_on_by_default_on_cuda_only_and_an_explicit_choice_wins():
     from rm.model import compile_requested
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert compile_requested(None, cuda, 0) and compile_requested(None, cuda, 2)
-    assert not compile_requested(None, cuda, 3) and not compile_requested(None, cpu, 0)
-    assert compile_requested(True, cpu, 0) and not compile_requested(False, cuda, 0)
+    assert compile_requested(None, cuda, 0, use_peft=False) and compile_requested(None, cuda, 2, use_peft=False)
+    assert not compile_requested(None, cuda, 3, use_peft=False) and not compile_requested(None, cpu, 0, use_peft=False)
+    assert not compile_requested(None, cuda, 0, use_peft=True)  # LoRA: the compile does not pay back (docstring)
+    assert compile_requested(True, cpu, 0, use_peft=True) and not compile_requested(False, cuda, 0, use_peft=False)
