@@ -8,8 +8,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,17 +151,44 @@ def test_real_launch_one_node_two_processes_zero2(tmp_path):
     assert metrics["final"]["step"] == 3 and (out / "adapter").is_dir() and (out / "model").is_dir()
 
 
+def run_nodes(node_envs: list[dict[str, str]], args: list[str], log_dir: Path, timeout: float = 600) -> list[tuple]:
+    """Starts one launcher per node at once and polls them all: the first node that fails (or the timeout) stops
+    the others at once, rather than leaving them to wait for a peer that is gone (torch's elastic agent waits up
+    to 300 s at its exit barrier). Output goes to files, so no node can block on a full pipe while another is
+    waited on. Returns (exit code, log) per node."""
+    logs = [open(log_dir / f"node{rank}.log", "w+") for rank in range(len(node_envs))]
+    nodes = [subprocess.Popen(["bash", str(SCRIPT), *args], env=launcher_env(**env), stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True) for env, log in zip(node_envs, logs)]
+    deadline = time.monotonic() + timeout
+    while any(node.poll() is None for node in nodes):
+        if any(node.poll() not in (None, 0) for node in nodes) or time.monotonic() > deadline:
+            for node in nodes:
+                if node.poll() is None:
+                    os.killpg(node.pid, signal.SIGTERM)  # the agent stops its workers
+            for node in nodes:
+                try:
+                    node.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(node.pid, signal.SIGKILL)
+                    node.wait()
+            break
+        time.sleep(0.5)
+    results = []
+    for node, log in zip(nodes, logs):
+        log.seek(0)
+        results.append((node.returncode, log.read()))
+        log.close()
+    return results
+
+
 def test_real_launch_example_2_as_two_nodes_of_one_process(tmp_path):
     """Example 2 on one machine: two launcher invocations, NODE_RANK 0 and 1, master 127.0.0.1, one process
     each; together one ZeRO-3 run of world size 2 (multinode launcher `standard`: each node runs torchrun)."""
     out = tmp_path / "out"
-    nodes = [subprocess.Popen(["bash", str(SCRIPT), "3", "2", "1", "127.0.0.1", "29602", *SHORT_RUN,
-                               "--use_peft", "false"],
-                              env=launcher_env(NODE_RANK=str(rank), MODEL_PATH="tiny", OUTPUT_DIR=str(out)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    logs = [node.communicate(timeout=600)[0] for node in nodes]
-    for rank, (node, log) in enumerate(zip(nodes, logs)):
-        assert node.returncode == 0, f"node {rank}:\n{log[-5000:]}"
+    results = run_nodes([dict(NODE_RANK=str(rank), MODEL_PATH="tiny", OUTPUT_DIR=str(out)) for rank in (0, 1)],
+                        ["3", "2", "1", "127.0.0.1", "29602", *SHORT_RUN, "--use_peft", "false"], tmp_path)
+    for rank, (code, log) in enumerate(results):
+        assert code == 0, f"node {rank} exited {code}:\n{log[-5000:]}"
         assert f"node rank:       {rank}" in log and "config:          accelerate_configs/zero3_2node.yaml" in log
     info, metrics = read_run(out)
     assert (info["distributed_type"], info["zero_stage"], info["num_processes"]) == ("DEEPSPEED", 3, 2)
