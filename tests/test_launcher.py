@@ -155,16 +155,17 @@ def run_nodes(node_envs: list[dict[str, str]], args: list[str], log_dir: Path, t
     """Starts one launcher per node at once and polls them all: the first node that fails (or the timeout) stops
     the others at once, rather than leaving them to wait for a peer that is gone (torch's elastic agent waits up
     to 300 s at its exit barrier). Output goes to files, so no node can block on a full pipe while another is
-    waited on. Returns (exit code, log) per node."""
+    waited on. Returns (exit code, log, whether this function stopped it) per node."""
     logs = [open(log_dir / f"node{rank}.log", "w+") for rank in range(len(node_envs))]
     nodes = [subprocess.Popen(["bash", str(SCRIPT), *args], env=launcher_env(**env), stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True) for env, log in zip(node_envs, logs)]
-    deadline = time.monotonic() + timeout
+    deadline, stopped = time.monotonic() + timeout, set()
     while any(node.poll() is None for node in nodes):
         if any(node.poll() not in (None, 0) for node in nodes) or time.monotonic() > deadline:
-            for node in nodes:
+            for rank, node in enumerate(nodes):
                 if node.poll() is None:
                     os.killpg(node.pid, signal.SIGTERM)  # the agent stops its workers
+                    stopped.add(rank)
             for node in nodes:
                 try:
                     node.wait(timeout=30)
@@ -174,9 +175,9 @@ def run_nodes(node_envs: list[dict[str, str]], args: list[str], log_dir: Path, t
             break
         time.sleep(0.5)
     results = []
-    for node, log in zip(nodes, logs):
+    for rank, (node, log) in enumerate(zip(nodes, logs)):
         log.seek(0)
-        results.append((node.returncode, log.read()))
+        results.append((node.returncode, log.read(), rank in stopped))
         log.close()
     return results
 
@@ -187,8 +188,10 @@ def test_real_launch_example_2_as_two_nodes_of_one_process(tmp_path):
     out = tmp_path / "out"
     results = run_nodes([dict(NODE_RANK=str(rank), MODEL_PATH="tiny", OUTPUT_DIR=str(out)) for rank in (0, 1)],
                         ["3", "2", "1", "127.0.0.1", "29602", *SHORT_RUN, "--use_peft", "false"], tmp_path)
-    for rank, (code, log) in enumerate(results):
-        assert code == 0, f"node {rank} exited {code}:\n{log[-5000:]}"
+    assert all(code == 0 for code, _, _ in results), "\n".join(
+        f"node {rank} exited {code}{' (stopped: the other node failed first)' if stopped else ''}:\n{log[-4000:]}"
+        for rank, (code, log, stopped) in enumerate(results) if code != 0)
+    for rank, (_, log, _) in enumerate(results):
         assert f"node rank:       {rank}" in log and "config:          accelerate_configs/zero3_2node.yaml" in log
     info, metrics = read_run(out)
     assert (info["distributed_type"], info["zero_stage"], info["num_processes"]) == ("DEEPSPEED", 3, 2)
