@@ -322,8 +322,9 @@ def _check_manifest(checkpoint: str) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise DamagedCheckpointError(f"{manifest_path} is unreadable ({err})") from None
     present = [rel for rel in _files_of(checkpoint) if rel not in (MANIFEST, COMPLETE_MARKER)]
-    for rel in sorted(set(present) - set(listed)):
-        raise DamagedCheckpointError(f"{os.path.join(checkpoint, rel)} was not part of the saved checkpoint")
+    added = sorted(set(present) - set(listed))
+    if added:
+        raise DamagedCheckpointError(f"{os.path.join(checkpoint, added[0])} was not part of the saved checkpoint")
     for rel, entry in listed.items():
         path = os.path.join(checkpoint, rel)
         if rel not in present:
