@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from rm.attention import enable_varlen_attention, varlen_available
 from rm.batching import build_train_loader, is_placeholder, model_inputs
-from rm.checkpoint import Position, hold_output_dir, load_checkpoint, prepare_output_dir, save_checkpoint
+from rm.checkpoint import (Position, hold_output_dir, load_checkpoint, prepare_output_dir, remove_previous_run,
+                           save_checkpoint)
 from rm.config import ConfigError, TrainConfig, parse_config
 from rm.data import DataError, check_enough_pairs, load_training_data
 from rm.encoding import PairCollator, PairEncoder, encode_pairs
@@ -119,6 +120,8 @@ def setup(cfg: TrainConfig) -> Run:
     if resume_from:
         log(f"resumed from {resume_from}: step {position.global_step}, epoch {position.epoch + 1}, "
             f"{position.micro_batches_in_epoch} micro-batches of it done")
+    if cfg.overwrite_output_dir and not resume_from and accelerator.is_main_process:
+        remove_previous_run(cfg.output_dir)  # only now: bad data or a failed model build never costs the old run
     tensorboard = {"tensorboard": {"purge_step": position.global_step + 1}} if resume_from else {}
     hparams = {k: (v if v is not None else "") for k, v in dataclasses.asdict(cfg).items()}
     accelerator.init_trackers("runs", config=hparams, init_kwargs=tensorboard)  # hides the killed run's later steps

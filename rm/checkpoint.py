@@ -209,9 +209,10 @@ def hold_output_dir(cfg: TrainConfig) -> Iterator[None]:
                 os.rmdir(cfg.output_dir)  # only when empty: nothing else was written
 
 
-def _remove_previous_run(output_dir: str) -> None:
-    """--overwrite_output_dir: the previous run's outputs go (its checkpoints above all: rotation and `latest` must
-    never mix two runs); files this trainer does not write stay."""
+def remove_previous_run(output_dir: str) -> None:
+    """--overwrite_output_dir, called just before the first write (after the data and model are checked, so bad
+    input never costs the old run): the previous run's outputs go (its checkpoints above all: rotation and `latest`
+    must never mix two runs); files this trainer does not write stay."""
     if os.environ.get("RANK", "0") != "0" or not os.path.isdir(output_dir):
         return
     removed = sorted(name for name in os.listdir(output_dir)
@@ -473,7 +474,7 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
     """Checks output_dir (and the checkpoint to resume from) before anything is written; returns that checkpoint,
     verified (None: a fresh run).
 
-    A fresh run needs an empty output_dir, or --overwrite_output_dir (which removes the previous run's outputs). A
+    A fresh run needs an empty output_dir, or --overwrite_output_dir (remove_previous_run, later). A
     resume accepts an output_dir only when it holds this run: its checkpoints' saved training config equals this
     one, up to RESUMABLE_CHANGES; and the train data must be the data the checkpoint was trained on."""
     key = os.path.realpath(cfg.output_dir)
@@ -485,8 +486,6 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
                               "or --overwrite_output_dir true to replace that run, or choose another output_dir")
         check_output_dir(cfg)
         _STARTED_WITH[key] = train_data_fingerprint(cfg.train_file_dir)
-        if cfg.overwrite_output_dir:
-            _remove_previous_run(cfg.output_dir)
         return None
     checkpoint = _choose_checkpoint(cfg)
     _STARTED_WITH[key] = train_data_fingerprint(cfg.train_file_dir)

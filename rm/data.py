@@ -127,7 +127,8 @@ def _hub_records(name: str, split: str, cache_dir: str | None) -> Iterator[Recor
         yield f"{name}[{split}]:row {i + 1}", row
 
 
-def read_records(location: str, split: str = "train", cache_dir: str | None = None) -> Iterator[tuple[str, Iterator[Record]]]:
+def read_records(location: str, split: str = "train",
+                 cache_dir: str | None = None) -> Iterator[tuple[str, Iterator[Record]]]:
     """(source name, its records) for every file at `location`, or for the hub data set it names."""
     if is_hub_name(location):
         yield f"{location}[{split}]", _hub_records(location, split, cache_dir)
@@ -203,7 +204,9 @@ def load_training_data(cfg: TrainConfig, log: Log) -> tuple[list[Pair], list[Pai
     """All train and eval pairs, read and checked before the model is built, capped at max_*_samples.
     Eval data: validation_file_dir; unset, the embedded eval file next to the embedded train file, else a held-out
     split of the train data; None when evaluation is off."""
-    read = lambda location, split: read_pairs(location, split, cfg.cache_dir, cfg.skip_bad_records, log=log)  # noqa: E731
+    def read(location: str, split: str) -> list[Pair]:
+        return read_pairs(location, split, cfg.cache_dir, cfg.skip_bad_records, log=log)
+
     embedded = cfg.train_file_dir == EMBEDDED_TRAIN and not Path(EMBEDDED_TRAIN).exists()
     train = read(str(EMBEDDED_SAMPLE / "train.jsonl") if embedded else cfg.train_file_dir, "train")
     evaluation = None
