@@ -42,7 +42,8 @@ def test_existing_output_dir_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", *QUICK, "--output_dir", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "--overwrite_output_dir" in proc.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"] and (tmp_path / "keep.txt").read_text() == "earlier work"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+    assert (tmp_path / "keep.txt").read_text() == "earlier work"
 
 
 def expected_lr(schedule: str, step: int, total: int, warmup: int, peak: float) -> float:
