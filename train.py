@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 
 from rm.attention import enable_varlen_attention, varlen_available
 from rm.batching import build_train_loader, is_placeholder, model_inputs
-from rm.checkpoint import (Position, hold_output_dir, load_checkpoint, prepare_output_dir, remove_previous_run,
-                           save_checkpoint)
+from rm.checkpoint import Position, load_checkpoint, prepare_output_dir, save_checkpoint
 from rm.config import ConfigError, TrainConfig, parse_config
 from rm.data import DataError, check_enough_pairs, load_training_data
 from rm.encoding import PairCollator, PairEncoder, encode_pairs
@@ -40,6 +39,7 @@ from rm.model import (RewardModel, apply_lora, compile_decoder_layers, compile_r
 from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, check_writable, write_json
 from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
+from rm.run_lock import hold_output_dir, remove_previous_run
 from rm.runtime import (build_optimizer, build_scheduler, check_accelerator_settings, check_launch_environment,
                         describe_run, make_accelerator, model_dtype, optimizer_steps, resolve_mixed_precision,
                         zero_stage)

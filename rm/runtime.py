@@ -17,6 +17,12 @@ from rm.config import ConfigError, TrainConfig
 from rm.outputs import RUN_LOCK
 
 
+def warn(message: str) -> None:
+    """Before the Accelerator exists every rank runs the same checks; the global rank 0 says what it found."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def check_output_dir(cfg: TrainConfig) -> None:
     """Refuse to write into a non-empty output_dir unless asked to: nothing already written is overwritten. This
     run's own lock (rm/checkpoint.py hold_output_dir) does not count."""

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import ROOT, train_command
-from rm.checkpoint import EXIT_NO_SPACE, restricted_load, verify_checkpoint, write_manifest
+from rm.checkpoint import EXIT_NO_SPACE
+from rm.safe_checkpoint import restricted_load, verify_checkpoint, write_manifest
 from rm.outputs import MANIFEST, RUN_LOCK
 
 KINDS = {"plain": None, "zero2_lora": "zero2_1node.yaml", "zero3": "zero3_1node.yaml"}

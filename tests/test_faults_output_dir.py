@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from rm.checkpoint import _process_start, complete_checkpoints, latest_checkpoint
+from rm.checkpoint import complete_checkpoints, latest_checkpoint
+from rm.run_lock import _process_start
 from rm.outputs import RUN_LOCK
 
 RUN = ["--model_name_or_path", "tiny", "--use_peft", "false", "--gradient_checkpointing", "false",
