@@ -44,7 +44,8 @@ from rm.runtime import (build_optimizer, build_scheduler, check_accelerator_sett
                         describe_run, make_accelerator, model_dtype, optimizer_steps, resolve_mixed_precision,
                         zero_stage)
 
-warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")  # torch deprecation inside DeepSpeed
+# torch deprecations of calls inside DeepSpeed (not ours)
+warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*")
 
 
 @dataclass
@@ -277,6 +278,8 @@ def finish(run: Run, step: int) -> dict[str, Any]:
     run.log("final: " + json.dumps(final))
     accelerator.wait_for_everyone()  # before end_training: avoids the exit-time crashes seen under ZeRO-3
     accelerator.end_training()
+    if torch.distributed.is_initialized():  # shut the process groups down now, not in interpreter teardown, where
+        torch.distributed.destroy_process_group()  # DeepSpeed's references left gloo to abort a rank (SIGABRT)
     return final
 
 
