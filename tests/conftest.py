@@ -108,3 +108,26 @@ def assert_export_matches_trainer(output_dir, final, tolerance: float = 1e-4):
     reloaded = reward_metrics(*split_rewards(hf))
     for key in ("accuracy", "reward_chosen", "reward_rejected", "reward_std"):
         assert math.isclose(reloaded[key], final[f"eval/{key}"], rel_tol=tolerance, abs_tol=tolerance / 10), key
+
+
+def main_caller(capsys, prefix: tuple = (), with_stdout: bool = False):
+    """A function that runs train.py's `main` in this process with `prefix` + its arguments and returns (exit code,
+    stderr, or stdout + stderr); accelerate's global state is reset after each call."""
+    import train
+    from accelerate.state import AcceleratorState
+
+    def call(*args) -> tuple[int, str]:
+        try:
+            code = train.main([str(a) for a in [*prefix, *args]])
+        finally:
+            AcceleratorState._reset_state(True)
+        captured = capsys.readouterr()
+        return code, (captured.out + captured.err) if with_stdout else captured.err
+
+    return call
+
+
+def snapshot(path: Path) -> dict:
+    """Every file and folder under path: its modification time and, for a file, its bytes."""
+    return {str(p.relative_to(path)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(path.rglob("*"))} if path.exists() else {}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, main_caller, snapshot
 from rm.checkpoint import COMPLETE_MARKER, STAGING_PREFIX, complete_checkpoints, latest_checkpoint, rotate_checkpoints
 from rm.config import ConfigError, parse_config
 from rm.guards import EXIT_NONFINITE
@@ -49,25 +49,8 @@ def good_lines(n: int = 20) -> list:
 
 @pytest.fixture
 def run_main(capsys):
-    """train.py's main in this process; returns (exit code, stderr)."""
-    sys.path.insert(0, str(ROOT))
-    import train
-    from accelerate.state import AcceleratorState
-
-    def call(*args) -> tuple[int, str]:
-        try:
-            code = train.main([*BASE, *map(str, args)])
-        finally:
-            AcceleratorState._reset_state(True)
-        return code, capsys.readouterr().err
-
-    return call
-
-
-def snapshot(path: Path) -> dict:
-    """Every file and folder under path: its modification time and, for a file, its bytes."""
-    return {str(p.relative_to(path)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
-            for p in path.rglob("*")} if path.exists() else {}
+    """train.py's main in this process with BASE settings; returns (exit code, stderr)."""
+    return main_caller(capsys, BASE)
 
 
 # ---- data faults: (lines of the train file, expected message pieces); the line number is where the fault is

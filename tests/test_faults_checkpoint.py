@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, train_command
+from conftest import ROOT, main_caller, snapshot, train_command
 from rm.checkpoint import EXIT_NO_SPACE
 from rm.safe_checkpoint import restricted_load, verify_checkpoint, write_manifest
 from rm.outputs import MANIFEST, RUN_LOCK
@@ -60,23 +60,7 @@ def runs(tmp_path_factory, data_dir) -> dict[str, Path]:
 @pytest.fixture
 def call_main(capsys):
     """train.py's main in this process; returns (exit code, stdout + stderr)."""
-    import train
-    from accelerate.state import AcceleratorState
-
-    def call(*args) -> tuple[int, str]:
-        try:
-            code = train.main([str(a) for a in args])
-        finally:
-            AcceleratorState._reset_state(True)
-        captured = capsys.readouterr()
-        return code, captured.out + captured.err
-
-    return call
-
-
-def snapshot(path: Path) -> dict:
-    return {str(p.relative_to(path)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
-            for p in sorted(path.rglob("*"))}
+    return main_caller(capsys, with_stdout=True)
 
 
 def copy_run(runs: dict[str, Path], kind: str, tmp_path: Path) -> Path:

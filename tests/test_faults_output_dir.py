@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, main_caller, snapshot
 from rm.checkpoint import complete_checkpoints, latest_checkpoint
 from rm.run_lock import _process_start
 from rm.outputs import RUN_LOCK
@@ -26,24 +26,8 @@ RUN = ["--model_name_or_path", "tiny", "--use_peft", "false", "--gradient_checkp
 
 @pytest.fixture
 def call_main(capsys):
-    """train.py's main in this process; returns (exit code, stdout + stderr)."""
-    import train
-    from accelerate.state import AcceleratorState
-
-    def call(*args) -> tuple[int, str]:
-        try:
-            code = train.main([str(a) for a in [*RUN, *args]])
-        finally:
-            AcceleratorState._reset_state(True)
-        captured = capsys.readouterr()
-        return code, captured.out + captured.err
-
-    return call
-
-
-def snapshot(path: Path) -> dict:
-    return {str(p.relative_to(path)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
-            for p in sorted(path.rglob("*"))}
+    """train.py's main in this process with the RUN settings; returns (exit code, stdout + stderr)."""
+    return main_caller(capsys, RUN, with_stdout=True)
 
 
 @pytest.fixture
