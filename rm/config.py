@@ -58,7 +58,9 @@ class TrainConfig:
         "help": "Evaluate on at most this many pairs; -1 = all, 0 = no evaluation."})
     # optimisation
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Pairs per micro-batch per process."})
-    per_device_eval_batch_size: int = field(default=1, metadata={"help": "Pairs per evaluation batch per process."})
+    per_device_eval_batch_size: int = field(default=1, metadata={
+        "help": "Accepted for the original scripts' command lines and checked; evaluation is packed by "
+                "max_tokens_per_micro_batch instead, so this changes no reported number."})
     gradient_accumulation_steps: int = field(default=8, metadata={
         "help": "Micro-batches per optimizer step (the yaml must not set it)."})
     packing: bool = field(default=True, metadata={
