@@ -36,7 +36,7 @@ from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_co
 from rm.loss import pairwise_loss, split_rewards
 from rm.model import (RewardModel, apply_lora, compile_decoder_layers, compile_requested, compiled_graphs,
                       load_backbone, load_tokenizer, needs_checkpointing)
-from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, check_writable, write_json
+from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, write_json
 from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
 from rm.run_lock import hold_output_dir, remove_previous_run
@@ -72,8 +72,7 @@ class Run:
 
 def setup(cfg: TrainConfig) -> Run:
     """Accelerator, data (read, checked, tokenized), model, optimizer, loaders, prepare, schedule, resume."""
-    resume_from = prepare_output_dir(cfg)  # nothing is written before this: a fresh output_dir or this run's own
-    check_writable(cfg.output_dir)
+    resume_from = prepare_output_dir(cfg)  # a fresh output_dir or this run's own (main's lock checked it writable)
     check_launch_environment()
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
