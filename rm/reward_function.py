@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rm.cli.score import Scorer
+from rm.scoring import Scorer
 
 
 class RewardFunction:
