@@ -26,17 +26,18 @@ import hashlib
 import json
 import os
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, get_args, get_type_hints
 
 import torch
 from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
+from rm.config import TrainConfig
 from rm.data import read_pairs
 from rm.layouts import Pair
 
 ENCODING_VERSION = 2  # bump when the rules above change, so cached token ids are not reused
-REWARD_POSITIONS = ("template_end", "eos")
+REWARD_POSITIONS = get_args(get_type_hints(TrainConfig)["reward_position"])  # the setting's one list
 _PROBE_PROMPT = [{"role": "user", "content": "Question"}]
 _PROBE_RESPONSE = "Answer"
 
