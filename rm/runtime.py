@@ -25,7 +25,7 @@ def warn(message: str) -> None:
 
 def check_output_dir(cfg: TrainConfig) -> None:
     """Refuse to write into a non-empty output_dir unless asked to: nothing already written is overwritten. This
-    run's own lock (rm/checkpoint.py hold_output_dir) does not count."""
+    run's own lock (rm/run_lock.py hold_output_dir) does not count."""
     written = [name for name in os.listdir(cfg.output_dir) if name != RUN_LOCK] if os.path.isdir(cfg.output_dir) \
         else []
     if written and not cfg.overwrite_output_dir:
@@ -54,7 +54,7 @@ def resolve_mixed_precision(cfg: TrainConfig) -> TrainConfig:
     """The config with `bf16` as it will run. One source: the flag, or else the launcher (`accelerate launch` passes
     its yaml's or --mixed_precision's choice as ACCELERATE_MIXED_PRECISION); both set and disagreeing is refused."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launcher == "fp16" or (launcher or "no") not in ("no", "bf16", "fp16"):
+    if launcher not in (None, "no", "bf16"):
         raise ConfigError(f"the accelerate launcher asks for mixed_precision {launcher!r}; this trainer runs 'bf16' "
                           "or 'no': set it in the accelerate yaml or with accelerate launch --mixed_precision")
     launcher_bf16 = None if launcher is None else launcher == "bf16"
