@@ -35,7 +35,7 @@ from rm.export import export_reward_model
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.loss import pairwise_loss, split_rewards
 from rm.model import (RewardModel, apply_lora, compile_decoder_layers, compile_requested, compiled_graphs,
-                      load_backbone, load_tokenizer, needs_checkpointing)
+                      disable_dropout, load_backbone, load_tokenizer, needs_checkpointing)
 from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, write_json
 from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
@@ -99,7 +99,7 @@ def setup(cfg: TrainConfig) -> Run:
     model, model_info = build_model(cfg, accelerator, tokenizer, log)
 
     # ---- optimizer, loaders, prepare; the LR schedule stays out of prepare (it would step once per process)
-    optimizer = build_optimizer(model.parameters(), cfg)
+    optimizer = build_optimizer(model, cfg)
     collator = PairCollator(tokenizer.pad_token_id)
     train_loader = build_train_loader(train_set, collator, cfg.per_device_train_batch_size,
                                       cfg.gradient_accumulation_steps, cfg.seed, cfg.packing,
@@ -141,6 +141,8 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any,
     stage = zero_stage(accelerator)
     backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft), cfg.cache_dir,
                              accelerator)
+    if cfg.disable_dropout:
+        log(f"dropout: off ({disable_dropout(backbone)} dropout layers and settings set to 0; --disable_dropout false)")
     if varlen_available(accelerator.device) and accelerator.mixed_precision == "bf16":
         enable_varlen_attention(backbone)  # packed rows (training, evaluation) through flash varlen (rm/attention.py)
     numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 parameters are partitioned)
@@ -156,7 +158,8 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any,
         backbone.enable_input_require_grads()  # reentrant checkpointing needs a grad-carrying input
         backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                               adapter_dtype_float32=stage != 3,  # ZeRO-3 wants one dtype for all tensors
-                              under_autocast=accelerator.mixed_precision == "bf16" and stage == 0)
+                              under_autocast=accelerator.mixed_precision == "bf16" and stage == 0,
+                              rslora=cfg.use_rslora)
     compiled = compile_requested(cfg.torch_compile, accelerator.device, stage, cfg.use_peft)
     if compiled:
         compile_decoder_layers(backbone)

@@ -7,6 +7,7 @@ DeepSpeed settings are not here: they live in accelerate_configs/*.yaml.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -30,7 +31,11 @@ class TrainConfig:
     use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (+ the score head); false = full."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    lora_dropout: Optional[float] = field(default=None, metadata={
+        "help": "(recipe) Dropout on the LoRA input, in [0, 1). Unset: the --recipe's value."})
+    use_rslora: Optional[bool] = field(default=None, metadata={
+        "nargs": "?", "const": True,
+        "help": "(recipe) rsLoRA: scale the adapters by alpha / sqrt(r) instead of alpha / r. Unset: the --recipe's."})
     target_modules: str = field(default="all", metadata={
         "help": "'all' = every linear layer but the head, or a comma-separated list of module names."})
     gradient_checkpointing: Optional[bool] = field(default=None, metadata={
@@ -74,7 +79,20 @@ class TrainConfig:
                 "Unset: on with CUDA for full fine-tuning (not under ZeRO-3), off for LoRA and elsewhere."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the train data (may be fractional)."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Peak AdamW learning rate."})
+    learning_rate: float = field(default=2e-5, metadata={
+        "help": "Peak AdamW learning rate of the LoRA adapters (A matrices), or of the whole model in full "
+                "fine-tuning; the score head and LoRA's B matrices get it times their ratios below."})
+    recipe: Literal["tuned", "original"] = field(default="tuned", metadata={
+        "help": "Values for the settings marked (recipe) that are left unset: tuned = picked by measurement on real "
+                "preference data (docs/quality_results.md); original = the original scripts' behaviour exactly."})
+    score_lr_ratio: Optional[float] = field(default=None, metadata={
+        "help": "(recipe) The score head's learning rate is this times --learning_rate. Unset: the --recipe's."})
+    loraplus_lr_ratio: Optional[float] = field(default=None, metadata={
+        "help": "(recipe) LoRA+: the B matrices' learning rate is this times --learning_rate. Unset: the --recipe's."})
+    disable_dropout: Optional[bool] = field(default=None, metadata={
+        "nargs": "?", "const": True,
+        "help": "(recipe) Set every dropout of the pretrained model to 0, as TRL does (LoRA's own dropout is "
+                "--lora_dropout). Unset: the --recipe's."})
     weight_decay: float = field(default=0.001, metadata={"help": "AdamW weight decay (not on norms and biases)."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of the steps spent warming up, in [0, 1)."})
     lr_scheduler_type: Literal["linear", "cosine"] = field(default="linear", metadata={
@@ -128,6 +146,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora_rank": (_positive, "> 0"),
     "lora_alpha": (_positive, "> 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "score_lr_ratio": (_positive, "> 0 and finite"),
+    "loraplus_lr_ratio": (_positive, "> 0 and finite"),
     "target_modules": (lambda v: all(m.strip() for m in v.split(",")), "'all' or comma-separated module names"),
     "train_file_dir": (_non_empty, "a file, a directory or a hub data set name"),
     "validation_file_dir": (_non_empty, "a file, a directory, a hub name or 'none'"),
@@ -230,4 +250,20 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(f"unknown command-line arguments {unknown} (see --help)") from None
     for f in fields(TrainConfig):
         check_value(f.name, getattr(cfg, f.name), "--" + f.name)
-    return cfg
+    return apply_recipe(cfg)
+
+
+# ---- recipes: the values of the (recipe) settings a run leaves unset. "original" is the original scripts exactly;
+# "tuned" was picked by the learning-rate and recipe sweep in docs/quality_results.md (bench/quality_sweep.py).
+RECIPES: dict[str, dict[str, Any]] = {
+    "tuned": {"lora_dropout": 0.0, "use_rslora": True, "score_lr_ratio": 50.0, "loraplus_lr_ratio": 16.0,
+              "disable_dropout": True},
+    "original": {"lora_dropout": 0.05, "use_rslora": False, "score_lr_ratio": 1.0, "loraplus_lr_ratio": 1.0,
+                 "disable_dropout": False},
+}
+
+
+def apply_recipe(cfg: TrainConfig) -> TrainConfig:
+    """The config with every unset (recipe) setting filled from its --recipe; settings given explicitly win."""
+    unset = {name: value for name, value in RECIPES[cfg.recipe].items() if getattr(cfg, name) is None}
+    return dataclasses.replace(cfg, **unset)

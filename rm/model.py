@@ -96,7 +96,7 @@ def init_score_head(model: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_modules: str,
-               adapter_dtype_float32: bool = True, under_autocast: bool = False) -> nn.Module:
+               adapter_dtype_float32: bool = True, under_autocast: bool = False, rslora: bool = False) -> nn.Module:
     """LoRA adapters on the linear layers; the score head is trained in full (modules_to_save).
     Under autocast, PEFT's cast of each LoRA input to the fp32 adapter dtype is switched off: autocast casts it
     straight back to bf16 for the matmul, so the two copies per adapter (and their backward) change nothing."""
@@ -105,13 +105,28 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
 
     targets = "all-linear" if target_modules == "all" else [m.strip() for m in target_modules.split(",")]
     config = LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=targets, modules_to_save=["score"])
+                        target_modules=targets, modules_to_save=["score"], use_rslora=rslora)
     model = get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype_float32)
     if under_autocast:
         for module in model.modules():
             if isinstance(module, BaseTunerLayer) and hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
     return model
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Every dropout of the model to 0: dropout layers, and the dropout probabilities that attention modules keep as
+    plain float attributes (e.g. `attention_dropout`, copied from the config at construction). The saved config is
+    left as it was. Returns how many were non-zero."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p, changed = 0.0, changed + 1
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
 
 
 def activation_bytes_per_token(config: Any) -> int:

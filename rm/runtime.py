@@ -6,7 +6,6 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Iterable
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -138,14 +137,27 @@ def model_dtype(accelerator: Accelerator, use_peft: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 and (use_peft or uses_deepspeed(accelerator)) else torch.float32
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """torch AdamW (DeepSpeed's own Adam needs a long JIT build); fused kernels on CUDA."""
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """torch AdamW (DeepSpeed's own Adam needs a long JIT build); fused kernels on CUDA. One group per learning rate
+    (the score head at --score_lr_ratio, LoRA's B matrices at --loraplus_lr_ratio, the rest at --learning_rate)
+    and weight decay (none on norms and biases)."""
+    head = {id(p) for p in score_head(model).parameters()}
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        ratio = cfg.score_lr_ratio if id(param) in head else cfg.loraplus_lr_ratio if "lora_B" in name else 1.0
+        decay = cfg.weight_decay if param.ndim >= 2 else 0.0
+        groups.setdefault((cfg.learning_rate * ratio, decay), []).append(param)
+    return torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": decay}
+                              for (lr, decay), params in groups.items()], lr=cfg.learning_rate,
                              fused=torch.cuda.is_available())
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The sequence-classification head (`score`) of the RewardModel, under a PEFT wrapper or not."""
+    hf_model = model.hf_model if hasattr(model, "hf_model") else model
+    return hf_model.score
 
 
 def optimizer_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> tuple[int, int]:
