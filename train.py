@@ -41,8 +41,8 @@ from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
 from rm.run_lock import hold_output_dir, remove_previous_run
 from rm.runtime import (build_optimizer, build_scheduler, check_accelerator_settings, check_launch_environment,
-                        describe_run, make_accelerator, model_dtype, optimizer_steps, resolve_mixed_precision,
-                        zero_stage)
+                        describe_run, make_accelerator, model_dtype, optimizer_steps, peak_learning_rates,
+                        resolve_mixed_precision, zero_stage)
 
 # torch deprecations of calls inside DeepSpeed (not ours)
 warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*")
@@ -100,6 +100,9 @@ def setup(cfg: TrainConfig) -> Run:
 
     # ---- optimizer, loaders, prepare; the LR schedule stays out of prepare (it would step once per process)
     optimizer = build_optimizer(model, cfg)
+    learning_rates = peak_learning_rates(cfg)
+    log("learning rates: " + ", ".join(f"{part} {rate:g}" for part, rate in learning_rates.items()) +
+        f" (--recipe {cfg.recipe}; docs/quality_results.md)")
     collator = PairCollator(tokenizer.pad_token_id)
     train_loader = build_train_loader(train_set, collator, cfg.per_device_train_batch_size,
                                       cfg.gradient_accumulation_steps, cfg.seed, cfg.packing,
@@ -128,7 +131,8 @@ def setup(cfg: TrainConfig) -> Run:
     run_info = {"distributed_type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes,
                 "zero_stage": stage, "mixed_precision": accelerator.mixed_precision,
                 "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
-                "total_steps": total_steps, "train_pairs": len(train_set), **model_info}
+                "total_steps": total_steps, "train_pairs": len(train_set), "learning_rates": learning_rates,
+                **model_info}
     return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, train_loader, eval_set,
                DataPosition(accelerator, train_loader, position, total_steps, epochs), total_steps,
                position.history, run_info)

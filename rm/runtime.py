@@ -139,19 +139,27 @@ def model_dtype(accelerator: Accelerator, use_peft: bool) -> torch.dtype:
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """torch AdamW (DeepSpeed's own Adam needs a long JIT build); fused kernels on CUDA. One group per learning rate
-    (the score head at --score_lr_ratio, LoRA's B matrices at --loraplus_lr_ratio, the rest at --learning_rate)
+    (the score head and LoRA's B matrices at least at their --min_*_learning_rate, the rest at --learning_rate)
     and weight decay (none on norms and biases)."""
-    head = {id(p) for p in score_head(model).parameters()}
+    head, rates = {id(p) for p in score_head(model).parameters()}, peak_learning_rates(cfg)
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        ratio = cfg.score_lr_ratio if id(param) in head else cfg.loraplus_lr_ratio if "lora_B" in name else 1.0
+        part = "score_head" if id(param) in head else "lora_B" if "lora_B" in name else "rest"
         decay = cfg.weight_decay if param.ndim >= 2 else 0.0
-        groups.setdefault((cfg.learning_rate * ratio, decay), []).append(param)
+        groups.setdefault((rates[part], decay), []).append(param)
     return torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": decay}
                               for (lr, decay), params in groups.items()], lr=cfg.learning_rate,
                              fused=torch.cuda.is_available())
+
+
+def peak_learning_rates(cfg: TrainConfig) -> dict[str, float]:
+    """The peak learning rate of each part build_optimizer tells apart (for the log and run_info.json)."""
+    rates = {"score_head": max(cfg.learning_rate, cfg.min_score_learning_rate)}
+    if cfg.use_peft:
+        rates["lora_B"] = max(cfg.learning_rate, cfg.min_lora_b_learning_rate)
+    return {**rates, "rest": cfg.learning_rate}
 
 
 def score_head(model: torch.nn.Module) -> torch.nn.Module:
