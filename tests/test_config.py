@@ -4,12 +4,12 @@ from dataclasses import fields
 
 import pytest
 
-from rm.config import ConfigError, TrainConfig, parse_config
+from rm.config import RECIPES, ConfigError, TrainConfig, apply_recipe, parse_config
 
 
 def test_defaults_follow_the_original_scripts():
-    cfg = parse_config([])
-    assert cfg == TrainConfig()
+    cfg = parse_config(["--recipe", "original"])
+    assert cfg == apply_recipe(TrainConfig(recipe="original"))
     assert (cfg.model_name_or_path, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (
         "Qwen/Qwen3-0.6B", 1, 8)
     assert (cfg.learning_rate, cfg.weight_decay, cfg.warmup_ratio, cfg.max_train_samples, cfg.max_eval_samples) == (
@@ -17,6 +17,21 @@ def test_defaults_follow_the_original_scripts():
     assert (cfg.use_peft, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules) == (
         True, 8, 16, 0.05, "all")
     assert (cfg.max_source_length, cfg.max_target_length, cfg.seed) == (1024, 256, 42)
+    assert (cfg.min_score_learning_rate, cfg.min_lora_b_learning_rate, cfg.use_rslora, cfg.disable_dropout) == (
+        0.0, 0.0, False, False)  # every parameter at --learning_rate, dropout as the model has it: the original
+
+
+def test_the_tuned_recipe_is_the_default_and_explicit_settings_win_over_it():
+    assert parse_config([]) == apply_recipe(TrainConfig()) and TrainConfig().recipe == "tuned"
+    tuned = parse_config([])
+    assert {name: getattr(tuned, name) for name in RECIPES["tuned"]} == RECIPES["tuned"]
+    assert tuned.learning_rate == 2e-5  # --learning_rate keeps the original's value and meaning (the adapters')
+    cfg = parse_config(["--recipe", "original", "--use_rslora", "--min_score_learning_rate", "1e-3"])
+    assert (cfg.use_rslora, cfg.min_score_learning_rate, cfg.lora_dropout) == (True, 1e-3, 0.05)
+    cfg = parse_config(["--lora_dropout", "0.1", "--disable_dropout", "false"])
+    assert (cfg.lora_dropout, cfg.disable_dropout, cfg.use_rslora) == (0.1, False, RECIPES["tuned"]["use_rslora"])
+    assert set(RECIPES["tuned"]) == set(RECIPES["original"])
+    assert all(getattr(TrainConfig(), name) is None for name in RECIPES["tuned"])  # unset until a recipe fills it
 
 
 def test_file_then_flags_win(tmp_path):
@@ -84,6 +99,8 @@ BAD_VALUES = {
     "output_dir": "", "overwrite_output_dir": "please", "logging_steps": 0, "eval_steps": 0, "save_steps": 0,
     "save_total_limit": -1, "resume_from_checkpoint": "", "skip_bad_records": "yes please",
     "skip_nonfinite_steps": 3, "report_to": "stdout", "reward_position": "last", "allow_changed_data": "ok",
+    "recipe": "best", "min_score_learning_rate": -1e-3, "min_lora_b_learning_rate": math.inf, "use_rslora": "on",
+    "disable_dropout": 5,
 }
 
 

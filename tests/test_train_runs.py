@@ -22,6 +22,7 @@ def test_quickstart_learns_and_exports(tmp_path):
         assert (out / name).exists(), name
     assert any((out / "runs").rglob("events.out.tfevents*")), "no tensorboard log"
     assert "tokens_per_s=" in proc.stdout and "peak_memory_gb=" in proc.stdout
+    assert info["learning_rates"] == {"score_head": 4e-3, "rest": 1e-3}  # the tuned recipe's minimum for the head
     assert_export_matches_trainer(out, final)
 
 
@@ -31,6 +32,7 @@ def test_lora_with_checkpointing_exports_adapter_and_merged_model(tmp_path):
                                  "--max_steps", "8", "--learning_rate", "5e-3")
     assert (out / "adapter/adapter_config.json").exists() and (out / "adapter/adapter_model.safetensors").exists()
     assert info["trainable_parameters"] < 100_000
+    assert info["learning_rates"] == {"score_head": 5e-3, "lora_B": 5e-3, "rest": 5e-3}  # above the minimums
     assert_export_matches_trainer(out, metrics["final"])
 
 

@@ -89,13 +89,24 @@ def test_train_mode_comes_back_after_a_mid_run_evaluation(tmp_path, tokenizer):
     loss is exactly log 2 at every step. The evaluations after every step run in eval mode, attention on (rewards
     differ); a model left in eval mode after them would train with attention on and leave log 2."""
     model = save_seq_cls_model(tmp_path / "dropout-model", tokenizer, attention_dropout=1.0)
-    _, metrics, _ = run_train(tmp_path / "out", *BASE, *FULL, "--model_name_or_path", model, "--eval_steps", 1)
+    _, metrics, _ = run_train(tmp_path / "out", *BASE, *FULL, "--model_name_or_path", model, "--eval_steps", 1,
+                              "--disable_dropout", "false")
     evaluations = [h for h in metrics["history"] if "eval/margin" in h]
     assert len(evaluations) == STEPS - 1 and all(abs(h["eval/margin"]) > 1e-4 for h in evaluations)
     losses = train_losses(metrics)
     assert len(losses) == STEPS
     for step, loss in enumerate(losses, start=1):
         assert abs(loss - math.log(2)) < 1e-6, f"step {step}: loss {loss}, not log 2: dropout was off"
+
+
+def test_the_default_recipe_trains_with_the_models_dropout_off(tmp_path, tokenizer):
+    """The same attention-dropout-1.0 model under the default recipe (disable_dropout): attention stays on in
+    training, so the loss leaves log 2 from the first step; the exported config keeps the model's own dropout."""
+    model = save_seq_cls_model(tmp_path / "dropout-model", tokenizer, attention_dropout=1.0)
+    proc, metrics, _ = run_train(tmp_path / "out", *BASE, *FULL, "--model_name_or_path", model)
+    assert all(abs(loss - math.log(2)) > 1e-4 for loss in train_losses(metrics))
+    assert "dropout: off (2 dropout layers and settings set to 0" in proc.stdout
+    assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())["attention_dropout"] == 1.0
 
 
 # ---- full fine-tuning: weight decay groups and gradient clipping, read off the exported weights
