@@ -1,5 +1,6 @@
 """Real training runs through train.py: the quickstart, export round trips, the LR schedule on 1 and 2 processes."""
 
+import json
 import math
 
 import pytest
@@ -33,6 +34,8 @@ def test_lora_with_checkpointing_exports_adapter_and_merged_model(tmp_path):
     assert (out / "adapter/adapter_config.json").exists() and (out / "adapter/adapter_model.safetensors").exists()
     assert info["trainable_parameters"] < 100_000
     assert info["learning_rates"] == {"score_head": 5e-3, "lora_B": 5e-3, "rest": 5e-3}  # above the minimums
+    adapter = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert adapter["use_rslora"] is True and adapter["lora_dropout"] == 0.0  # the default recipe reached PEFT
     assert_export_matches_trainer(out, metrics["final"])
 
 
