@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from rm.config import ConfigError, TrainConfig
+from rm.config import RECIPES, ConfigError, TrainConfig
 from rm.data import data_files, is_hub_name
 from rm.guards import TrainingStopped, resume_command
 from rm.outputs import CHECKPOINT_PREFIX as PREFIX
@@ -194,8 +194,12 @@ def _read_json(checkpoint: str, name: str) -> Any:
         raise CheckpointError(f"{path} is missing or unreadable ({err})") from None
 
 
+# a checkpoint saved before recipes existed trained with the original one: its missing keys mean these values
+BEFORE_RECIPES = {"recipe": "original", **RECIPES["original"]}
+
+
 def _config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    current = dataclasses.asdict(cfg)
+    saved, current = {**BEFORE_RECIPES, **saved}, dataclasses.asdict(cfg)
     return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
             if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)]
 

@@ -160,6 +160,21 @@ def test_output_dir_of_another_run_is_refused_and_left_as_it_was(tmp_path, run_m
     assert "holds another run" in err, err
 
 
+def test_a_checkpoint_from_before_recipes_resumes_under_the_original_recipe_only(tmp_path):
+    """training_config.json files written before the recipe settings existed lack their keys: they trained with
+    the original recipe, so --recipe original matches them and the default recipe is named as the difference."""
+    from rm.checkpoint import _config_differences
+
+    argv = [*BASE, "--train_file_dir", "t.jsonl", "--output_dir", str(tmp_path)]
+    old = vars(resolve_mixed_precision(parse_config([*argv, "--recipe", "original"])))
+    for key in ("recipe", "lora_dropout", "use_rslora", "min_score_learning_rate", "min_lora_b_learning_rate",
+                "disable_dropout"):
+        old.pop(key)
+    assert _config_differences(old, resolve_mixed_precision(parse_config([*argv, "--recipe", "original"]))) == []
+    differences = _config_differences(old, resolve_mixed_precision(parse_config(argv)))
+    assert "recipe: 'original' -> 'tuned'" in differences and "lora_dropout: 0.05 -> 0.0" in differences
+
+
 def test_resume_without_a_complete_checkpoint_is_refused(tmp_path, run_main):
     out = tmp_path / "out"
     code, err = run_main("--output_dir", out, "--resume_from_checkpoint", "latest")
