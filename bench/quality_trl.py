@@ -6,7 +6,8 @@ Both files are read with this project's reader (rm.data.read_pairs), so TRL sees
 sees, handed over in TRL's conversational layout (prompt messages + one assistant message each side); TRL renders
 them with the same chat template. Batch: 8 pairs per step with no accumulation, the same gradient as the original
 1 pair x GA 8 (mean over the 8 pairs either way) without eight micro-steps; checkpointing off (memory only).
-Everything else is TRL's default or the original recipe (LoRA r8 / alpha 16 / dropout 0.05 all-linear, warmup 5%,
+Everything else is TRL's default or the original recipe (LoRA r8 / alpha 16 / dropout 0.05 all-linear, which
+TRL's default disable_dropout sets to 0 with the model's own dropout; warmup 5%,
 linear decay, weight decay 0.001, bf16). Prints one line: QUALITY {json}.
 """
 
