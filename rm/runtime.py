@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -14,6 +15,9 @@ from transformers import get_scheduler
 
 from rm.config import ConfigError, TrainConfig
 from rm.outputs import RUN_LOCK
+
+if TYPE_CHECKING:
+    from rm.model import RewardModel
 
 
 def warn(message: str) -> None:
@@ -137,11 +141,11 @@ def model_dtype(accelerator: Accelerator, use_peft: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 and (use_peft or uses_deepspeed(accelerator)) else torch.float32
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: RewardModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     """torch AdamW (DeepSpeed's own Adam needs a long JIT build); fused kernels on CUDA. One group per learning rate
     (the score head and LoRA's B matrices at least at their --min_*_learning_rate, the rest at --learning_rate)
     and weight decay (none on norms and biases)."""
-    head, rates = {id(p) for p in score_head(model).parameters()}, peak_learning_rates(cfg)
+    head, rates = {id(p) for p in model.hf_model.score.parameters()}, peak_learning_rates(cfg)
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -160,12 +164,6 @@ def peak_learning_rates(cfg: TrainConfig) -> dict[str, float]:
     if cfg.use_peft:
         rates["lora_B"] = max(cfg.learning_rate, cfg.min_lora_b_learning_rate)
     return {**rates, "rest": cfg.learning_rate}
-
-
-def score_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The sequence-classification head (`score`) of the RewardModel, under a PEFT wrapper or not."""
-    hf_model = model.hf_model if hasattr(model, "hf_model") else model
-    return hf_model.score
 
 
 def optimizer_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> tuple[int, int]:
