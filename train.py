@@ -35,14 +35,14 @@ from rm.export import export_reward_model
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.loss import pairwise_loss, split_rewards
 from rm.model import (RewardModel, apply_lora, compile_decoder_layers, compile_requested, compiled_graphs,
-                      disable_dropout, load_backbone, load_tokenizer, needs_checkpointing)
+                      disable_dropout, load_backbone, load_tokenizer, needs_checkpointing, start_compile_workers)
 from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, write_json
 from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
 from rm.run_lock import hold_output_dir, remove_previous_run
 from rm.runtime import (build_optimizer, build_scheduler, check_accelerator_settings, check_launch_environment,
                         describe_run, make_accelerator, model_dtype, optimizer_steps, peak_learning_rates,
-                        resolve_mixed_precision, zero_stage)
+                        resolve_mixed_precision, seconds_since_launch, zero_stage)
 
 # torch deprecations of calls inside DeepSpeed (not ours)
 warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*")
@@ -80,6 +80,8 @@ def setup(cfg: TrainConfig) -> Run:
     stage = zero_stage(accelerator)
     log(describe_run(accelerator))
     check_accelerator_settings(cfg, uses_deepspeed=stage > 0)
+    if compile_requested(cfg.torch_compile, accelerator.device, stage, cfg.use_peft):
+        start_compile_workers()  # they come up while the data is tokenized and the model loads
 
     # ---- tokenizer and data: validated and tokenized once, before the model costs any memory
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.cache_dir)
@@ -94,9 +96,11 @@ def setup(cfg: TrainConfig) -> Run:
         log("evaluation: off (every eval pair became identical after truncation)")
         eval_set = None
     check_enough_pairs(len(train_set), cfg, accelerator.num_processes)
+    data_ready = seconds_since_launch()
 
     # ---- model: built after the Accelerator so ZeRO-3 can partition it as it loads
     model, model_info = build_model(cfg, accelerator, tokenizer, log)
+    model_ready = seconds_since_launch()
 
     # ---- optimizer, loaders, prepare; the LR schedule stays out of prepare (it would step once per process)
     optimizer = build_optimizer(model, cfg)
@@ -118,6 +122,8 @@ def setup(cfg: TrainConfig) -> Run:
     pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     log(f"data: {len(train_set)} train pairs, {len(eval_set) if eval_set is not None else 0} eval pairs; "
         f"{total_steps} optimizer steps of {pairs_per_step} pairs ({epochs} epochs)")
+    log(f"setup: {seconds_since_launch():.1f} s after launch (data read and tokenized at {data_ready:.1f} s, "
+        f"model built at {model_ready:.1f} s)")
 
     position = load_checkpoint(accelerator, resume_from, scheduler) if resume_from else Position()
     if resume_from:
@@ -209,6 +215,7 @@ def train_loop(run: Run, guard: StepGuard) -> int:
         if step == 1:
             run.run_info["first_step_unix_time"] = first_step_time(accelerator)  # read by rm.bench
             run.run_info["compiled_graphs_first_step"] = compiled_graphs()
+            run.log(f"first optimizer step done {seconds_since_launch():.1f} s after launch")
 
         if step % cfg.logging_steps == 0 or step == run.total_steps:
             metrics = window.collect(lr=run.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),

@@ -8,6 +8,7 @@ comparing token ids with the pad id (which reads the wrong token when pad == eos
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -169,9 +170,27 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def start_compile_workers() -> None:
+    """Start inductor's compile worker pool now, so it comes up while the data is tokenized and the model loads
+    rather than at the first forward (it otherwise starts there, seconds before the first step)."""
+    from torch._inductor.async_compile import maybe_warm_pool
+
+    maybe_warm_pool()
+
+
 def compile_decoder_layers(model: nn.Module) -> None:
     """torch.compile every decoder layer on its first call, with dynamic shapes: packed rows change length at
-    every micro-batch. The embedding, score head and the loop stay eager, so a compile failure names a layer."""
+    every micro-batch. The embedding, score head and the loop stay eager, so a compile failure names a layer.
+    Each recompile is logged with the guard that failed (unless TORCH_LOGS says otherwise).
+    Inductor's mix-order reduction fusion is off unless TORCHINDUCTOR_MIX_ORDER_REDUCTION is set: it decides by the
+    token count (>= 2560, >= 5120 rows), and each decision is a guard, so packed rows of a new size class recompiled
+    every layer after warm-up (Qwen3-0.6B shape: 3 graphs, ~7 s each; docs/speed_results.md)."""
+    if "TORCH_LOGS" not in os.environ:
+        torch._logging.set_logs(recompiles=True)
+    if "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.mix_order_reduction = False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, base.base_model_prefix), "layers", None)
     if layers is None:

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -177,6 +178,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
     """Kept out of accelerator.prepare (which would step it once per process) and stepped once per optimizer step."""
     return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                          num_training_steps=total_steps)
+
+
+def seconds_since_launch() -> float:
+    """Wall-clock seconds since this process started (interpreter start and imports included)."""
+    import psutil  # an accelerate dependency
+
+    return time.time() - psutil.Process().create_time()
 
 
 def peak_memory_gb(accelerator: Accelerator) -> float:

@@ -122,6 +122,24 @@ def test_lora_under_autocast_skips_the_fp32_input_cast(tiny_model):
                if isinstance(m, LoraLinear))
 
 
+def test_compiling_turns_off_the_fusion_that_recompiles_by_token_count_unless_the_environment_chose(
+        monkeypatch, tiny_model):
+    """Inductor's mix-order reduction guards on the token count (>= 2560, >= 5120 rows on GPU): left on, packed rows
+    of a new size class recompiled every layer after warm-up. An explicit TORCHINDUCTOR_MIX_ORDER_REDUCTION wins."""
+    import torch._inductor.config as inductor_config
+
+    from rm.model import compile_decoder_layers
+
+    monkeypatch.setenv("TORCH_LOGS", "")  # leave this process's logging as it is
+    monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True)
+    monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", "1")
+    compile_decoder_layers(tiny_model)
+    assert inductor_config.triton.mix_order_reduction is True
+    monkeypatch.delenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION")
+    compile_decoder_layers(tiny_model)
+    assert inductor_config.triton.mix_order_reduction is False
+
+
 def test_compile_is_on_by_default_on_cuda_only_and_an_explicit_choice_wins():
     from rm.model import compile_requested
 

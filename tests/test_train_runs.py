@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -23,6 +24,13 @@ def test_quickstart_learns_and_exports(tmp_path):
         assert (out / name).exists(), name
     assert any((out / "runs").rglob("events.out.tfevents*")), "no tensorboard log"
     assert "tokens_per_s=" in proc.stdout and "peak_memory_gb=" in proc.stdout
+    # where launch time goes: the log says when setup ended and when the first optimizer step was done
+    setup = re.search(r"setup: ([\d.]+) s after launch \(data read and tokenized at ([\d.]+) s, model built at "
+                      r"([\d.]+) s\)", proc.stdout)
+    first = re.search(r"first optimizer step done ([\d.]+) s after launch", proc.stdout)
+    assert setup and first, proc.stdout[-3000:]
+    data_ready, model_ready, setup_done = float(setup[2]), float(setup[3]), float(setup[1])
+    assert 0 < data_ready <= model_ready <= setup_done <= float(first[1])
     assert info["learning_rates"] == {"score_head": 4e-3, "rest": 1e-3}  # the tuned recipe's minimum for the head
     assert_export_matches_trainer(out, final)
 

@@ -35,8 +35,10 @@ FULL, COMPILE = ["--use_peft", "false"], ["--torch_compile", "true"]
 CKPT, NO_CKPT = ["--gradient_checkpointing", "true"], ["--gradient_checkpointing", "false"]
 EAGER = ["--torch_compile", "false"]
 ZERO2 = "accelerate_configs/zero2_1node.yaml"  # on one process: bf16 weights, fp32 master copy in DeepSpeed
+ZERO3 = "accelerate_configs/zero3_1node.yaml"
 # name: (train.py arguments, data: "train" or "maxlen", accelerate yaml or None for plain `python train.py`).
-# Every row but full-ft-maxlen-default names checkpointing and compile: it means the same whatever the defaults.
+# Every row but the *-default / *-default-path ones names checkpointing and compile: it means the same whatever the
+# defaults. The *-default-path rows run what train.py resolves by itself (checkpointing, compile, LoRA or not).
 CONFIGS: dict[str, tuple[list[str], str, str | None]] = {
     "lora-default": (CKPT + EAGER, "train", None),  # the original defaults: LoRA r8 all-linear, 1 pair x GA 8
     "lora-default-compile": (CKPT + COMPILE, "train", None),
@@ -49,7 +51,13 @@ CONFIGS: dict[str, tuple[list[str], str, str | None]] = {
     "full-ft-maxlen-default": (FULL, "maxlen", None),  # checkpointing and compile as train.py resolves them
     "full-ft-maxlen-compile": (FULL + NO_CKPT + COMPILE, "maxlen", None),
     "full-ft-maxlen-zero2": (FULL + NO_CKPT + EAGER, "maxlen", ZERO2),
-    "full-ft-maxlen-zero3": (FULL + NO_CKPT + EAGER, "maxlen", "accelerate_configs/zero3_1node.yaml"),
+    "full-ft-maxlen-zero3": (FULL + NO_CKPT + EAGER, "maxlen", ZERO3),
+    "lora-default-path": ([], "train", None),
+    "lora-default-path-zero2": ([], "train", ZERO2),
+    "lora-default-path-zero3": ([], "train", ZERO3),
+    "full-ft-default-path": (FULL, "train", None),
+    "full-ft-default-path-zero2": (FULL, "train", ZERO2),
+    "full-ft-default-path-zero3": (FULL, "train", ZERO3),
 }
 
 
@@ -191,6 +199,8 @@ def run_config(name: str, packing: bool, model_dir: Path, data: str, args: argpa
             "pairs_per_s": statistics.mean(w["train/pairs_per_s"] for w in windows),
             "peak_memory_gb": windows[-1]["train/peak_memory_gb"],
             "first_step_s": info["first_step_unix_time"] - launched,
+            "graphs_after_first_step": info["compiled_graphs"] - info["compiled_graphs_first_step"]
+            if info.get("torch_compile") else None,
             "losses": [h["train/loss"] for h in metrics["history"] if "train/loss" in h]}
 
 
@@ -247,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 HEADER = f"{'configuration':<30}{'path':<8}{'tokens/s':>11}{'pairs/s':>9}{'MFU':>7}{'peak GB':>9}" \
-         f"{'1st step s':>11}{'x plain':>9}"
+         f"{'1st step s':>11}{'x plain':>9}{'recompiles':>11}"
 
 
 def table_row(r: dict[str, Any], results: list[dict[str, Any]]) -> str:
@@ -259,7 +269,8 @@ def table_row(r: dict[str, Any], results: list[dict[str, Any]]) -> str:
                  None)
     ratio = r["tokens_per_s"] / plain if plain else float("nan")
     return (f"{r['config']:<30}{r['path']:<8}{r['tokens_per_s']:>11,.0f}{r['pairs_per_s']:>9.1f}"
-            f"{r['mfu']:>7.1%}{r['peak_memory_gb']:>9.1f}{r['first_step_s']:>11.1f}{ratio:>9.2f}")
+            f"{r['mfu']:>7.1%}{r['peak_memory_gb']:>9.1f}{r['first_step_s']:>11.1f}{ratio:>9.2f}"
+            f"{'-' if r['graphs_after_first_step'] is None else r['graphs_after_first_step']:>11}")
 
 
 if __name__ == "__main__":
