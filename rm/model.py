@@ -155,8 +155,8 @@ def needs_checkpointing(requested: bool | None, config: Any, device: torch.devic
 
 def compile_requested(requested: bool | None, device: torch.device, zero_stage: int, use_peft: bool) -> bool:
     """--torch_compile: an explicit true/false wins. Unset: compile on CUDA for full fine-tuning, where it pays back
-    its ~20 s within tens of steps (1.8-2.3x per step, docs/speed_results.md); not for LoRA, whose layers took ~37 s
-    more to reach the first step and saved ~80 ms a step (0.6B shape: paid back only after ~450 steps); not under
+    its ~20 s within tens of steps (1.8-2.3x per step, docs/speed_results.md); not for LoRA, whose compile put the
+    first step ~70 s later and saved ~0.2 s a step (0.6B shape: paid back only after ~350 steps); not under
     ZeRO-3 (its parameter gathering runs in module hooks, which a compiled layer would trace; not tried)."""
     if requested is not None:
         return requested

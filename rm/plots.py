@@ -1,6 +1,7 @@
 """PNG plots written at the end of training: the train/eval curves and the eval reward histogram.
 
-matplotlib runs on its file-only Agg backend, so no display is needed (servers, CI, SLURM jobs).
+matplotlib runs on its file-only Agg backend, so no display is needed (servers, CI, SLURM jobs). It is imported
+when the first plot is drawn, at the end of training, not at launch (~0.6 s saved before the first step).
 """
 
 from __future__ import annotations
@@ -8,18 +9,23 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-
-from rm.outputs import CURVES_PLOT, HISTOGRAM_PLOT  # noqa: E402
+from rm.outputs import CURVES_PLOT, HISTOGRAM_PLOT
 
 CURVES = (("loss", "loss"), ("accuracy", "pairwise accuracy"), ("margin", "mean margin (chosen - rejected)"))
 
 
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str) -> str:
     """Loss, accuracy and margin against the optimizer step, train and eval, from metrics.json's history."""
+    plt = _pyplot()
     figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.8))
     for axis, (name, title) in zip(axes, CURVES):
         for split, style in (("train", "-"), ("eval", "o-")):
@@ -43,6 +49,7 @@ def plot_reward_histogram(chosen: Sequence[float], rejected: Sequence[float], pa
     low, high = min(chosen + rejected), max(chosen + rejected)
     bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
     accuracy = sum(c > r for c, r in zip(chosen, rejected)) / max(len(chosen), 1)
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.hist(chosen, bins=bins, alpha=0.6, label=f"chosen (mean {sum(chosen) / max(len(chosen), 1):.3f})")
     axis.hist(rejected, bins=bins, alpha=0.6, label=f"rejected (mean {sum(rejected) / max(len(rejected), 1):.3f})")

@@ -30,3 +30,15 @@ def test_no_eval_set_no_histogram_and_constant_rewards(tmp_path):
     assert not (tmp_path / HISTOGRAM_PLOT).exists()
     write_training_plots(str(tmp_path), train_only, ([0.5, 0.5], [0.5, 0.5]))  # all rewards equal: still drawn
     read_png(tmp_path / HISTOGRAM_PLOT)
+
+
+def test_launch_does_not_import_matplotlib():
+    """The plots are drawn at the end: importing the trainer leaves matplotlib (~0.6 s) for then."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", "import sys, train; print('matplotlib' in sys.modules)"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
