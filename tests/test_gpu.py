@@ -70,3 +70,14 @@ def test_compiled_runs_build_no_graph_after_the_first_step(tmp_path, qwen3_shape
     _, _, info = run_train(tmp_path / "run", *args, *(["--torch_compile", "true"] if peft == "true" else []))
     assert info["torch_compile"] is True
     assert info["compiled_graphs"] == info["compiled_graphs_first_step"] >= 1
+
+
+def test_compiled_layers_build_no_graph_when_packed_rows_change_size_class(tmp_path, qwen3_shaped_model):
+    """600 sample pairs of ~62 tokens, 64 pairs a step: nine packed rows of ~3,950 tokens, then one of ~1,480 in the
+    last step. Inductor's mix-order reduction fusion, left on, guarded on the token class (< 2560, 2560-5119,
+    >= 5120) and recompiled every layer at that last step (rm.model.compile_decoder_layers turns it off)."""
+    args = ["--model_name_or_path", qwen3_shaped_model, *RUN, "--max_steps", -1, "--num_train_epochs", 1,
+            "--save_steps", 1000, "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 8]
+    _, _, info = run_train(tmp_path / "run", *args)
+    assert info["torch_compile"] is True and info["total_steps"] == 10
+    assert info["compiled_graphs"] == info["compiled_graphs_first_step"] >= 1
