@@ -41,8 +41,8 @@ from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
 from rm.run_lock import hold_output_dir, remove_previous_run
 from rm.runtime import (build_optimizer, build_scheduler, check_accelerator_settings, check_launch_environment,
-                        describe_run, make_accelerator, model_dtype, optimizer_steps, peak_learning_rates,
-                        resolve_mixed_precision, seconds_since_launch, zero_stage)
+                        describe_run, make_accelerator, micro_batches_per_process, model_dtype, optimizer_steps,
+                        peak_learning_rates, resolve_mixed_precision, seconds_since_launch, zero_stage)
 
 # torch deprecations of calls inside DeepSpeed (not ours)
 warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*")
@@ -80,8 +80,6 @@ def setup(cfg: TrainConfig) -> Run:
     stage = zero_stage(accelerator)
     log(describe_run(accelerator))
     check_accelerator_settings(cfg, uses_deepspeed=stage > 0)
-    if compile_requested(cfg.torch_compile, accelerator.device, stage, cfg.use_peft):
-        start_compile_workers()  # they come up while the data is tokenized and the model loads
 
     # ---- tokenizer and data: validated and tokenized once, before the model costs any memory
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.cache_dir)
@@ -96,10 +94,16 @@ def setup(cfg: TrainConfig) -> Run:
         log("evaluation: off (every eval pair became identical after truncation)")
         eval_set = None
     check_enough_pairs(len(train_set), cfg, accelerator.num_processes)
+    planned_steps, _ = optimizer_steps(cfg, micro_batches_per_process(len(train_set), cfg.per_device_train_batch_size,
+                                                                       accelerator.num_processes))
+    compile_layers, compile_why = compile_requested(cfg.torch_compile, accelerator.device, stage, cfg.use_peft,
+                                                    planned_steps)
+    if compile_layers:
+        start_compile_workers()  # they come up while the model loads, not at the first forward
     data_ready = seconds_since_launch()
 
     # ---- model: built after the Accelerator so ZeRO-3 can partition it as it loads
-    model, model_info = build_model(cfg, accelerator, tokenizer, log)
+    model, model_info = build_model(cfg, accelerator, tokenizer, log, compile_layers, compile_why)
     model_ready = seconds_since_launch()
 
     # ---- optimizer, loaders, prepare; the LR schedule stays out of prepare (it would step once per process)
@@ -144,10 +148,10 @@ def setup(cfg: TrainConfig) -> Run:
                position.history, run_info)
 
 
-def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any,
-                log: Callable[[str], None]) -> tuple[RewardModel, dict[str, Any]]:
-    """The reward model as this run trains it: backbone, packed-row attention, checkpointing, LoRA, compile.
-    Returns it with what was chosen (for run_info.json)."""
+def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any, log: Callable[[str], None],
+                compile_layers: bool, compile_why: str) -> tuple[RewardModel, dict[str, Any]]:
+    """The reward model as this run trains it: backbone, packed-row attention, checkpointing, LoRA, compile (on or
+    off and why, from rm.model.compile_requested). Returns it with what was chosen (for run_info.json)."""
     stage = zero_stage(accelerator)
     backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft), cfg.cache_dir,
                              accelerator)
@@ -170,16 +174,16 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any,
                               adapter_dtype_float32=stage != 3,  # ZeRO-3 wants one dtype for all tensors
                               under_autocast=accelerator.mixed_precision == "bf16" and stage == 0,
                               rslora=cfg.use_rslora)
-    compiled = compile_requested(cfg.torch_compile, accelerator.device, stage, cfg.use_peft)
-    if compiled:
+    if compile_layers:
         compile_decoder_layers(backbone)
-        log("torch.compile: on (each decoder layer, dynamic shapes; --torch_compile false turns it off)")
+    log(f"torch.compile: {'on (each decoder layer, dynamic shapes; ' if compile_layers else 'off ('}{compile_why}; "
+        "--torch_compile true/false)")
     model = RewardModel(backbone)
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     log(f"model: {cfg.model_name_or_path}, {sum(numel(p) for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{trainable / 1e6:.3f}M trainable ({'LoRA' if cfg.use_peft else 'full fine-tuning'})")
     return model, {"trainable_parameters": trainable, "gradient_checkpointing": checkpointing,
-                   "torch_compile": compiled}
+                   "torch_compile": compile_layers}
 
 
 def train_loop(run: Run, guard: StepGuard) -> int:

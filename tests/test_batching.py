@@ -16,6 +16,7 @@ from rm.batching import (KeyedPairs, PackedPairCollator, PackedStepSampler, is_p
                          pack_units, split_to_count)
 from rm.encoding import PairCollator
 from rm.loss import pairwise_loss
+from rm.runtime import micro_batches_per_process
 
 
 def items_per_process(make_sampler, processes):
@@ -42,6 +43,8 @@ def test_sampler_reproduces_the_plain_steps_of_every_process(pairs, batch_size, 
     fast = items_per_process(packed, processes)
     for rank in range(processes):
         assert len(fast[rank]) == len(plain[rank]) == len(packed()) // processes  # one item per plain micro-batch
+        # what train.py counts before the loader exists (the LoRA compile decision needs the step count)
+        assert len(plain[rank]) == micro_batches_per_process(pairs, batch_size, processes)
     for start in range(0, len(plain[0]), ga):
         forwards = set()
         for rank in range(processes):

@@ -141,10 +141,14 @@ def test_compiling_turns_off_the_fusion_that_recompiles_by_token_count_unless_th
 
 
 def test_compile_is_on_by_default_on_cuda_only_and_an_explicit_choice_wins():
-    from rm.model import compile_requested
+    from rm.model import LORA_COMPILE_MIN_STEPS, compile_requested
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert compile_requested(None, cuda, 0, use_peft=False) and compile_requested(None, cuda, 2, use_peft=False)
-    assert not compile_requested(None, cuda, 3, use_peft=False) and not compile_requested(None, cpu, 0, use_peft=False)
-    assert not compile_requested(None, cuda, 0, use_peft=True)  # LoRA: the compile does not pay back (docstring)
-    assert compile_requested(True, cpu, 0, use_peft=True) and not compile_requested(False, cuda, 0, use_peft=False)
+    on = lambda *args: compile_requested(*args)[0]  # noqa: E731
+    assert on(None, cuda, 0, False, 10) and on(None, cuda, 2, False, 10)  # full fine-tuning: pays back in tens of steps
+    assert not on(None, cuda, 3, False, 10_000) and not on(None, cpu, 0, False, 10_000)
+    # LoRA: only a run long enough to pay the compile back (the original 1000-pair default has 125 steps)
+    assert not on(None, cuda, 0, True, 125) and not on(None, cuda, 0, True, LORA_COMPILE_MIN_STEPS - 1)
+    assert on(None, cuda, 0, True, LORA_COMPILE_MIN_STEPS) and not on(None, cuda, 3, True, 10_000)
+    assert on(True, cpu, 0, True, 1) and not on(False, cuda, 0, False, 10_000)
+    assert compile_requested(None, cuda, 0, True, 125)[1].startswith("auto: a LoRA compile pays back")
