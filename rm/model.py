@@ -160,15 +160,18 @@ def compile_requested(requested: bool | None, device: torch.device, zero_stage: 
                       optimizer_steps: int) -> tuple[bool, str]:
     """--torch_compile on or off, and why. An explicit true/false wins. Unset, on CUDA and not under ZeRO-3 (its
     parameter gathering runs in module hooks, which a compiled layer would trace; not tried): on for full
-    fine-tuning, which pays back its ~20 s within tens of steps (1.8-2.3x per step); for LoRA only in runs of at
-    least LORA_COMPILE_MIN_STEPS optimizer steps: its compile put the first step ~70 s later and saved ~0.2 s a step
-    (Qwen3-0.6B shape, 22 -> 54 pairs/s), paid back after ~350 steps (docs/speed_results.md)."""
+    fine-tuning, which pays back its ~20 s within tens of steps (1.8-2.3x per step); for LoRA only without DeepSpeed
+    (where it was measured) and in runs of at least LORA_COMPILE_MIN_STEPS optimizer steps: its compile put the first
+    step ~70 s later and saved ~0.2 s a step (Qwen3-0.6B shape, 22 -> 54 pairs/s), paid back after ~350 steps
+    (docs/speed_results.md)."""
     if requested is not None:
         return requested, "as set"
     if device.type != "cuda":
         return False, "auto: not on CUDA"
     if zero_stage == 3:
         return False, "auto: not under ZeRO-3"
+    if use_peft and zero_stage > 0:
+        return False, "auto: LoRA under DeepSpeed runs eager (its compile was measured without DeepSpeed only)"
     if use_peft and optimizer_steps < LORA_COMPILE_MIN_STEPS:
         return False, (f"auto: a LoRA compile pays back after ~350 optimizer steps; this run has {optimizer_steps}, "
                        f"compiled from {LORA_COMPILE_MIN_STEPS}")

@@ -149,6 +149,6 @@ def test_compile_is_on_by_default_on_cuda_only_and_an_explicit_choice_wins():
     assert not on(None, cuda, 3, False, 10_000) and not on(None, cpu, 0, False, 10_000)
     # LoRA: only a run long enough to pay the compile back (the original 1000-pair default has 125 steps)
     assert not on(None, cuda, 0, True, 125) and not on(None, cuda, 0, True, LORA_COMPILE_MIN_STEPS - 1)
-    assert on(None, cuda, 0, True, LORA_COMPILE_MIN_STEPS) and not on(None, cuda, 3, True, 10_000)
+    assert on(None, cuda, 0, True, LORA_COMPILE_MIN_STEPS) and not on(None, cuda, 2, True, 10_000)
     assert on(True, cpu, 0, True, 1) and not on(False, cuda, 0, False, 10_000)
     assert compile_requested(None, cuda, 0, True, 125)[1].startswith("auto: a LoRA compile pays back")
