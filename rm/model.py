@@ -186,8 +186,8 @@ def compiled_graphs() -> int:
 
 
 def start_compile_workers() -> None:
-    """Start inductor's compile worker pool now, so it comes up while the data is tokenized and the model loads
-    rather than at the first forward (it otherwise starts there, seconds before the first step)."""
+    """Start inductor's compile worker pool now, so it comes up while the model loads rather than at the first
+    forward (it otherwise starts there, seconds before the first step)."""
     from torch._inductor.async_compile import maybe_warm_pool
 
     maybe_warm_pool()
