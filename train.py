@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rm.attention import enable_varlen_attention, varlen_available
-from rm.batching import build_train_loader, is_placeholder, model_inputs
+from rm.batching import build_train_loader, is_placeholder, micro_batches_per_process, model_inputs
 from rm.checkpoint import Position, load_checkpoint, prepare_output_dir, save_checkpoint
 from rm.config import ConfigError, TrainConfig, parse_config
 from rm.data import DataError, check_enough_pairs, load_training_data
@@ -41,8 +41,8 @@ from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
 from rm.run_lock import hold_output_dir, remove_previous_run
 from rm.runtime import (build_optimizer, build_scheduler, check_accelerator_settings, check_launch_environment,
-                        describe_run, make_accelerator, micro_batches_per_process, model_dtype, optimizer_steps,
-                        peak_learning_rates, resolve_mixed_precision, seconds_since_launch, zero_stage)
+                        describe_run, make_accelerator, model_dtype, optimizer_steps, peak_learning_rates,
+                        resolve_mixed_precision, seconds_since_launch, zero_stage)
 
 # torch deprecations of calls inside DeepSpeed (not ours)
 warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*")

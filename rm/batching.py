@@ -44,6 +44,12 @@ def plain_units_per_process(order: Sequence[int], batch_size: int, num_processes
             for rank in range(num_processes)]
 
 
+def micro_batches_per_process(pairs: int, batch_size: int, num_processes: int) -> int:
+    """Plain micro-batches each process gets in an epoch (accelerate shards them evenly; the packed loader keeps
+    the count): len(train_loader) after prepare, known before the loader exists."""
+    return math.ceil(math.ceil(pairs / batch_size) / num_processes)
+
+
 def pack_units(units: list[Unit], unit_tokens: Sequence[int], max_tokens: int) -> list[list[int]]:
     """First-fit decreasing: unit positions grouped into bins of at most max_tokens (a unit alone may exceed it)."""
     bins: list[list[int]] = []
@@ -85,8 +91,7 @@ class PackedStepSampler(Sampler[list]):
         self.drop_last = True  # every epoch is whole rounds of num_processes items: nothing to pad
 
     def units_per_process(self) -> int:
-        units = math.ceil(len(self.pair_tokens) / self.unit_size)
-        return math.ceil(units / self.num_processes)
+        return micro_batches_per_process(len(self.pair_tokens), self.unit_size, self.num_processes)
 
     def __len__(self) -> int:
         return self.units_per_process() * self.num_processes

@@ -167,12 +167,6 @@ def peak_learning_rates(cfg: TrainConfig) -> dict[str, float]:
     return {**rates, "rest": cfg.learning_rate}
 
 
-def micro_batches_per_process(pairs: int, batch_size: int, num_processes: int) -> int:
-    """Plain micro-batches each process gets in an epoch (accelerate shards them evenly; the packed loader keeps
-    the count): len(train_loader) after prepare, known before the loader exists."""
-    return math.ceil(math.ceil(pairs / batch_size) / num_processes)
-
-
 def optimizer_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> tuple[int, int]:
     """(total optimizer steps, optimizer steps per epoch) from the per-process micro-batch count."""
     per_epoch = max(1, math.ceil(micro_batches_per_epoch / cfg.gradient_accumulation_steps))

@@ -12,11 +12,10 @@ from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, RandomSampler
 
 from conftest import ROOT
-from rm.batching import (KeyedPairs, PackedPairCollator, PackedStepSampler, is_placeholder, model_inputs,
-                         pack_units, split_to_count)
+from rm.batching import (KeyedPairs, PackedPairCollator, PackedStepSampler, is_placeholder,
+                         micro_batches_per_process, model_inputs, pack_units, split_to_count)
 from rm.encoding import PairCollator
 from rm.loss import pairwise_loss
-from rm.runtime import micro_batches_per_process
 
 
 def items_per_process(make_sampler, processes):
