@@ -4,8 +4,9 @@ tokenizer, the sample data. On the GPU machine: `pytest -q tests/test_gpu.py`.
 - A run killed with SIGKILL at a random step and resumed with `--resume_from_checkpoint latest` follows the
   uninterrupted run's loss curve within 1e-2 (bf16), without DeepSpeed and under ZeRO-2.
 - `--torch_compile true` (compiled decoder layers around the flash varlen attention) follows the eager curve.
-- Compiled runs (the default for full fine-tuning on CUDA; LoRA with --torch_compile true) build no graph after the
-  first optimizer step (no recompiles), with an evaluation in the middle (evaluation runs eagerly).
+- Compiled runs (the default for full fine-tuning on CUDA; LoRA in runs of >= 500 steps or with --torch_compile true)
+  build no graph after the first optimizer step (no recompiles), with an evaluation in the middle (evaluation runs
+  eagerly), and none when the packed rows change token class after the first step.
 """
 
 import random
@@ -63,7 +64,8 @@ def test_compiled_layers_follow_the_eager_curve(tmp_path, qwen3_shaped_model):
 
 @pytest.mark.parametrize("peft", ["true", "false"], ids=["lora", "full"])
 def test_compiled_runs_build_no_graph_after_the_first_step(tmp_path, qwen3_shaped_model, peft):
-    """Full fine-tuning compiles by default on CUDA; LoRA only when asked (it does not pay back, rm.model)."""
+    """Full fine-tuning compiles by default on CUDA; a 30-step LoRA run only when asked (too short to pay the
+    compile back, rm.model.compile_requested)."""
     args = ["--model_name_or_path", qwen3_shaped_model, *RUN, "--use_peft", peft, "--max_steps", 30,
             "--save_steps", 1000, "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 8,
             "--validation_file_dir", "data/sample/eval.jsonl", "--eval_steps", 10]
