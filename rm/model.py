@@ -199,7 +199,11 @@ def compile_decoder_layers(model: nn.Module) -> None:
     Each recompile is logged with the guard that failed (unless TORCH_LOGS says otherwise).
     Inductor's mix-order reduction fusion is off unless TORCHINDUCTOR_MIX_ORDER_REDUCTION is set: it decides by the
     token count (>= 2560, >= 5120 rows), and each decision is a guard, so packed rows of a new size class recompiled
-    every layer after warm-up (Qwen3-0.6B shape: 3 graphs, ~7 s each; docs/speed_results.md)."""
+    every layer after warm-up (Qwen3-0.6B shape: 3 graphs, ~7 s each; docs/speed_results.md).
+    Python floats (norm eps, LoRA's scaling) are compiled in as constants: under dynamic=True dynamo otherwise passes
+    them as float64 CPU tensors, and LoRA's `* scaling` then needs a C++ kernel, whose first build on a fresh machine
+    (inductor's CPU toolchain and headers) held the first LoRA step back by about a minute on GPU."""
+    torch._dynamo.config.specialize_float = True
     if "TORCH_LOGS" not in os.environ:
         torch._logging.set_logs(recompiles=True)
     if "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ:

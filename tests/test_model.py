@@ -152,3 +152,21 @@ def test_compile_is_on_by_default_on_cuda_only_and_an_explicit_choice_wins():
     assert on(None, cuda, 0, True, LORA_COMPILE_MIN_STEPS) and not on(None, cuda, 2, True, 10_000)
     assert on(True, cpu, 0, True, 1) and not on(False, cuda, 0, False, 10_000)
     assert compile_requested(None, cuda, 0, True, 125)[1].startswith("auto: a LoRA compile pays back")
+
+
+def test_compiled_lora_layers_take_python_floats_as_constants(monkeypatch, tiny_model):
+    """Under dynamic=True dynamo passes a Python float (LoRA's scaling, the norms' eps) as a float64 CPU tensor; on
+    GPU LoRA's `* scaling` then needed a C++ kernel whose first build held the first step back by a minute. The
+    compiled layers must take no such input."""
+    from torch._inductor.utils import run_and_get_code
+
+    from rm.model import compile_decoder_layers
+
+    monkeypatch.setenv("TORCH_LOGS", "")  # leave this process's logging as it is
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", False)  # torch's default
+    torch._dynamo.reset()
+    model = apply_lora(copy.deepcopy(tiny_model), 4, 8.0, 0.0, "all")
+    compile_decoder_layers(model)
+    _, codes = run_and_get_code(lambda: model(input_ids=torch.randint(0, 100, (1, 12))).logits.sum().backward())
+    assert codes and not any("float64" in code for code in codes), [c for c in codes if "float64" in c][0][:2000]
+    torch._dynamo.reset()
