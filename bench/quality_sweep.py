@@ -94,13 +94,17 @@ def fitting_splits(splits: dict[str, tuple[Path, Path]], model: Path, work_dir: 
 def jobs_for(plan: str, sets: list[str], seeds: list[int]) -> list[dict]:
     """grid: TRL's RewardTrainer over the learning rates; this project's tuned recipe and two variants over the
     same rates, the original recipe at the original rate, full fine-tuning. repeat: the runs the conclusions rest
-    on, for more seeds. TRL first (its runs are the longest) and the sets interleaved, so that a sweep cut short by
+    on, for more seeds. targets: what issue 16's targets compare (TRL at every rate; the tuned recipe at the original
+    rate and at TRL's best, 5e-4; full fine-tuning at its default). TRL first (its runs are the longest) and the sets interleaved, so that a sweep cut short by
     --deadline still answers for every set."""
     if plan == "grid":
         specs = [("trl", "trl", lr, False) for lr in LRS]
         specs += [("rm", variant, lr, False) for variant in ("tuned", "tuned, no rsLoRA", "tuned, B min 1e-3")
                   for lr in LRS]
         specs += [("rm", "original", 2e-5, False), ("rm", "tuned", 2e-5, True), ("rm", "tuned", 5e-5, True)]
+    elif plan == "targets":
+        specs = [("trl", "trl", lr, False) for lr in LRS]
+        specs += [("rm", "tuned", 2e-5, False), ("rm", "tuned", 5e-4, False), ("rm", "tuned", 2e-5, True)]
     else:
         specs = [("trl", "trl", 5e-4, False), ("rm", "tuned", 2e-5, False), ("rm", "tuned, no rsLoRA", 2e-5, False),
                  ("rm", "tuned", 5e-4, False), ("rm", "tuned", 2e-5, True)]
@@ -213,7 +217,7 @@ def main() -> None:
     parser.add_argument("--work_dir", default="/tmp/quality")
     parser.add_argument("--sets", default="hh_harmless,sentiment,dpo_en,dpo_en_fit")
     parser.add_argument("--plan", nargs="+", default=["grid@42"],
-                        help="PLAN@SEEDS ...: grid or repeat (see jobs_for), each for comma-separated seeds")
+                        help="PLAN@SEEDS ...: grid, repeat or targets (see jobs_for), each for comma-separated seeds")
     parser.add_argument("--max_trl", type=int, default=5, help="TRL runs at a time")
     parser.add_argument("--parallel", type=int, default=12)
     parser.add_argument("--deadline", type=float, default=520.0, help="seconds after which no new run starts")
