@@ -141,19 +141,20 @@ def needs_checkpointing(requested: bool | None, config: Any, device: torch.devic
                         parameters: int, trainable: int) -> tuple[bool, str]:
     """Gradient checkpointing on or off, and why. An explicit true/false wins. Unset: on CUDA, off when one
     micro-batch's activations (estimated) fit in half the memory left after weights, gradients and Adam states
-    (16 bytes per trainable, 4 per frozen parameter, upper bounds); elsewhere on (the original default)."""
+    (16 bytes per trainable, 4 per frozen parameter, upper bounds); elsewhere on (the original default).
+    "Left" starts from the GPU's free memory now, not its size: another job on the same GPU counts."""
     if requested is not None:
         return requested, "as set"
     if device.type != "cuda":
         return True, "auto: not on CUDA"
     activations = tokens_per_micro_batch * activation_bytes_per_token(config)
-    left = torch.cuda.get_device_properties(device).total_memory - 16 * trainable - 4 * (parameters - trainable)
+    left = torch.cuda.mem_get_info(device)[0] - 16 * trainable - 4 * (parameters - trainable)
     verdict = activations > left / 2
     return verdict, (f"auto: ~{activations / 2**30:.1f} GiB of activations for {tokens_per_micro_batch} tokens, "
                      f"{left / 2**30:.0f} GiB left after the weights and optimizer states")
 
 
-LORA_COMPILE_MIN_STEPS = 500
+LORA_COMPILE_MIN_STEPS = 200
 
 
 def compile_requested(requested: bool | None, device: torch.device, zero_stage: int, use_peft: bool,
@@ -161,9 +162,9 @@ def compile_requested(requested: bool | None, device: torch.device, zero_stage: 
     """--torch_compile on or off, and why. An explicit true/false wins. Unset, on CUDA and not under ZeRO-3 (its
     parameter gathering runs in module hooks, which a compiled layer would trace; not tried): on for full
     fine-tuning, which pays back its ~20 s within tens of steps (1.8-2.3x per step); for LoRA only without DeepSpeed
-    (where it was measured) and in runs of at least LORA_COMPILE_MIN_STEPS optimizer steps: its compile put the first
-    step ~70 s later and saved ~0.2 s a step (Qwen3-0.6B shape, 22 -> 54 pairs/s), paid back after ~350 steps
-    (docs/speed_results.md)."""
+    (where it was measured) and in runs of at least LORA_COMPILE_MIN_STEPS optimizer steps: on a fresh machine its
+    compile put the first step ~25 s later and saved ~0.13 s a step (Qwen3-0.6B shape, 26 -> 46 pairs/s), paid back
+    after ~190 steps (docs/speed_results.md)."""
     if requested is not None:
         return requested, "as set"
     if device.type != "cuda":
@@ -173,7 +174,7 @@ def compile_requested(requested: bool | None, device: torch.device, zero_stage: 
     if use_peft and zero_stage > 0:
         return False, "auto: LoRA under DeepSpeed runs eager (its compile was measured without DeepSpeed only)"
     if use_peft and optimizer_steps < LORA_COMPILE_MIN_STEPS:
-        return False, (f"auto: a LoRA compile pays back after ~350 optimizer steps; this run has {optimizer_steps}, "
+        return False, (f"auto: a LoRA compile pays back after ~190 optimizer steps; this run has {optimizer_steps}, "
                        f"compiled from {LORA_COMPILE_MIN_STEPS}")
     return True, f"auto: CUDA, {'LoRA' if use_peft else 'full fine-tuning'}, {optimizer_steps} optimizer steps"
 

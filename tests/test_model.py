@@ -112,6 +112,20 @@ def test_checkpointing_follows_an_explicit_choice_and_stays_on_without_cuda(tiny
     assert needs_checkpointing(None, tiny_model.config, cpu, 16384, 10, 10)[0] is True  # the original default
 
 
+def test_checkpointing_decides_by_the_gpus_free_memory_not_its_size(monkeypatch, tiny_model):
+    """Another job holding most of the GPU: the same micro-batch that runs without checkpointing on an idle GPU
+    must get checkpointing (jobs sharing one GPU went out of memory when the rule read the GPU's size)."""
+    from rm.model import activation_bytes_per_token, needs_checkpointing
+
+    tokens, gib = 16384, 2**30
+    activations = tokens * activation_bytes_per_token(tiny_model.config)
+    free = {"idle": 3 * activations, "shared": activations}
+    for state, expected in (("idle", False), ("shared", True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free[state]: (f, 141 * gib))
+        verdict, why = needs_checkpointing(None, tiny_model.config, torch.device("cuda", 0), tokens, 0, 0)
+        assert verdict is expected, (state, why)
+
+
 def test_lora_under_autocast_skips_the_fp32_input_cast(tiny_model):
     from peft.tuners.lora import Linear as LoraLinear
 
