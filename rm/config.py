@@ -77,7 +77,7 @@ class TrainConfig:
         "nargs": "?", "const": True,
         "help": "torch.compile each decoder layer (fuses norms and activations; the first steps pay the compile). "
                 "Unset, on CUDA and not under ZeRO-3: on for full fine-tuning, and for LoRA without DeepSpeed in runs "
-                "of at least 500 optimizer steps (shorter ones do not pay the compile back); off elsewhere."})
+                "of at least 200 optimizer steps (shorter ones do not pay the compile back); off elsewhere."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the train data (may be fractional)."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
     learning_rate: float = field(default=2e-5, metadata={

@@ -4,7 +4,7 @@ tokenizer, the sample data. On the GPU machine: `pytest -q tests/test_gpu.py`.
 - A run killed with SIGKILL at a random step and resumed with `--resume_from_checkpoint latest` follows the
   uninterrupted run's loss curve within 1e-2 (bf16), without DeepSpeed and under ZeRO-2.
 - `--torch_compile true` (compiled decoder layers around the flash varlen attention) follows the eager curve.
-- Compiled runs (the default for full fine-tuning on CUDA; LoRA in runs of >= 500 steps or with --torch_compile true)
+- Compiled runs (the default for full fine-tuning on CUDA; LoRA in runs of >= 200 steps or with --torch_compile true)
   build no graph after the first optimizer step (no recompiles), with an evaluation in the middle (evaluation runs
   eagerly), and none when the packed rows change token class after the first step.
 """
