@@ -10,7 +10,9 @@ Each set is split once with a fixed seed: hh_harmless_base_test (800 train / 512
 that there both trainers learn from and are scored on the same pairs. Every run trains one epoch on the train split with the original
 batch semantics (8 pairs per optimizer step) and reports the accuracy on all held-out pairs. Runs go in parallel on
 one GPU (a 135M model leaves it mostly idle); each result is appended to --results as it finishes, so a run cut
-short keeps what it measured. train.py runs with --torch_compile false: compile changes no number, only the speed.
+short keeps what it measured. train.py runs with --torch_compile false and --gradient_checkpointing true: neither
+changes a number, and runs that start together on one GPU each see it idle, so the automatic checkpointing choice
+left them all without checkpointing and some went out of memory (session 4, dpo_en_fit).
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def command(job: dict, model: Path, splits: dict, work_dir: Path) -> tuple[list[
     return [sys.executable, str(ROOT / "train.py"), "--model_name_or_path", str(model), "--train_file_dir",
             str(train), "--validation_file_dir", str(heldout), "--max_train_samples", "-1", "--max_eval_samples",
             "-1", "--output_dir", str(out), "--overwrite_output_dir", "true", "--bf16", "true", "--report_to",
-            "none", "--torch_compile", "false", "--eval_steps", "100000", "--save_steps", "100000",
+            "none", "--torch_compile", "false", "--gradient_checkpointing", "true", "--eval_steps", "100000", "--save_steps", "100000",
             "--learning_rate", str(job["lr"]), "--seed", str(job["seed"]), "--use_peft",
             "false" if job["full"] else "true", *VARIANTS[job["variant"]]], out
 
