@@ -7,8 +7,8 @@ and three real preference sets (issue 16; results and commands in docs/quality_r
 Each set is split once with a fixed seed: hh_harmless_base_test (800 train / 512 held out), sentiment_pairs_en
 (800 / 512), dpo_en_demo (only 300 pairs: 200 / 96). dpo_en_fit is dpo_en's two splits cut to the pairs TRL keeps
 (both sides at most 1280 tokens as TRL renders them; TRL drops the others, this project would truncate them), so
-that there both trainers learn from and are scored on the same pairs. Every run trains one epoch on the train split with the original
-batch semantics (8 pairs per optimizer step) and reports the accuracy on all held-out pairs. Runs go in parallel on
+that there both trainers learn from and are scored on the same pairs. Every run trains one epoch on the train
+split with the original batch semantics (8 pairs per optimizer step) and reports the accuracy on all held-out pairs. Runs go in parallel on
 one GPU (a 135M model leaves it mostly idle); each result is appended to --results as it finishes, so a run cut
 short keeps what it measured. train.py runs with --torch_compile false and --gradient_checkpointing true: neither
 changes a number, and runs that start together on one GPU each see it idle, so the automatic checkpointing choice
@@ -97,8 +97,8 @@ def jobs_for(plan: str, sets: list[str], seeds: list[int]) -> list[dict]:
     """grid: TRL's RewardTrainer over the learning rates; this project's tuned recipe and two variants over the
     same rates, the original recipe at the original rate, full fine-tuning. repeat: the runs the conclusions rest
     on, for more seeds. targets: what issue 16's targets compare (TRL at every rate; the tuned recipe at the original
-    rate and at TRL's best, 5e-4; full fine-tuning at its default). TRL first (its runs are the longest) and the sets interleaved, so that a sweep cut short by
-    --deadline still answers for every set."""
+    rate and at TRL's best, 5e-4; full fine-tuning at its default). TRL first (its runs are the longest) and the
+    sets interleaved, so that a sweep cut short by --deadline still answers for every set."""
     if plan == "grid":
         specs = [("trl", "trl", lr, False) for lr in LRS]
         specs += [("rm", variant, lr, False) for variant in ("tuned", "tuned, no rsLoRA", "tuned, B min 1e-3")
@@ -134,8 +134,8 @@ def command(job: dict, model: Path, splits: dict, work_dir: Path) -> tuple[list[
     return [sys.executable, str(ROOT / "train.py"), "--model_name_or_path", str(model), "--train_file_dir",
             str(train), "--validation_file_dir", str(heldout), "--max_train_samples", "-1", "--max_eval_samples",
             "-1", "--output_dir", str(out), "--overwrite_output_dir", "true", "--bf16", "true", "--report_to",
-            "none", "--torch_compile", "false", "--gradient_checkpointing", "true", "--eval_steps", "100000", "--save_steps", "100000",
-            "--learning_rate", str(job["lr"]), "--seed", str(job["seed"]), "--use_peft",
+            "none", "--torch_compile", "false", "--gradient_checkpointing", "true", "--eval_steps", "100000",
+            "--save_steps", "100000", "--learning_rate", str(job["lr"]), "--seed", str(job["seed"]), "--use_peft",
             "false" if job["full"] else "true", *VARIANTS[job["variant"]]], out
 
 
