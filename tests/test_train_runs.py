@@ -84,6 +84,31 @@ def test_lr_schedule_steps_once_per_optimizer_step(tmp_path, schedule, packing, 
         assert math.isclose(lr, expected_lr(schedule, step, 6, 3, 1e-3), abs_tol=1e-12), (step, lr)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_the_lr_schedule_is_transformers_own(schedule):
+    """rm.runtime.lr_factor replaces transformers' get_scheduler (whose import pulls in peft): the same factor at
+    every step, including warmup-only and one-step runs."""
+    from transformers import get_scheduler
+
+    from rm.runtime import lr_factor
+
+    for total, warmup in ((1, 1), (1, 0), (7, 0), (7, 1), (40, 2), (40, 40), (125, 7)):
+        reference = get_scheduler(schedule, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                                  num_warmup_steps=warmup, num_training_steps=total)
+        for step in range(total + 2):
+            assert lr_factor(schedule, step, warmup, total) == pytest.approx(reference.lr_lambdas[0](step), abs=1e-12)
+
+
+def test_full_fine_tuning_does_not_import_peft():
+    """peft costs ~1.5 s of imports (more on a fresh machine); only LoRA runs need it."""
+    import subprocess
+    import sys
+
+    probe = "import sys, train; print(sorted(m for m in sys.modules if m == 'peft' or m.startswith('peft.')))"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", (proc.stdout[-500:], proc.stderr[-2000:])
+
+
 def test_from_a_causal_lm_checkpoint_the_new_head_is_initialised(tmp_path, pretrained_causal_lm_dir):
     from rm.model import load_backbone
 
