@@ -99,6 +99,33 @@ def test_the_lr_schedule_is_transformers_own(schedule):
             assert lr_factor(schedule, step, warmup, total) == pytest.approx(reference.lr_lambdas[0](step), abs=1e-12)
 
 
+def test_a_schedule_state_saved_by_transformers_scheduler_resumes():
+    """Checkpoints written before rm.runtime had its own schedule hold get_scheduler's state ({} per lambda)."""
+    import json
+
+    from transformers import get_scheduler
+
+    from rm.config import TrainConfig
+    from rm.runtime import build_scheduler
+
+    def optimizer():
+        return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+
+    old_optimizer = optimizer()
+    old = get_scheduler("linear", old_optimizer, num_warmup_steps=1, num_training_steps=10)
+    for _ in range(4):
+        old_optimizer.step()
+        old.step()
+    cfg = TrainConfig(output_dir="unused", lr_scheduler_type="linear", warmup_ratio=0.1)
+    new_optimizer = optimizer()
+    new = build_scheduler(new_optimizer, cfg, 10)
+    new.load_state_dict(json.loads(json.dumps(old.state_dict())))  # SCHEDULER_STATE is JSON
+    for _ in range(3):
+        assert new.get_last_lr() == pytest.approx(old.get_last_lr())
+        for stepped in (old_optimizer, new_optimizer, old, new):
+            stepped.step()
+
+
 def test_full_fine_tuning_does_not_import_peft():
     """peft costs ~1.5 s of imports (more on a fresh machine); only LoRA runs need it."""
     import subprocess
