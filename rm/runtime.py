@@ -176,7 +176,7 @@ def optimizer_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> tuple[int
 def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
     """The learning rate's share of its peak after `step` optimizer steps: linear warmup from 0 over `warmup` steps,
     then linear decay to 0 ("linear") or half a cosine cycle ("cosine") at `total`, as transformers' schedules.
-    Written here because importing transformers' get_scheduler also imports peft (via its trainer utilities): ~1.5 s
+    Written here because importing transformers' get_scheduler also imports peft (via its trainer utilities): ~2 s
     at every launch, for nothing in full fine-tuning."""
     if step < warmup:
         return step / max(1, warmup)
