@@ -35,7 +35,8 @@ from rm.export import export_reward_model
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.loss import pairwise_loss, split_rewards
 from rm.model import (RewardModel, apply_lora, compile_decoder_layers, compile_requested, compiled_graphs,
-                      disable_dropout, load_backbone, load_tokenizer, needs_checkpointing, start_compile_workers)
+                      check_model_sources, disable_dropout, load_backbone, load_tokenizer, needs_checkpointing,
+                      start_compile_workers)
 from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, write_json
 from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
@@ -320,6 +321,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
+        check_model_sources(cfg.model_name_or_path, cfg.tokenizer_name_or_path)
         with hold_output_dir(cfg):  # one run per output_dir
             train(cfg)
     except (ConfigError, DataError) as err:

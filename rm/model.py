@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from rm.attention import packed_attention_kwargs
 from rm.config import ConfigError
+from rm.data import is_hub_name
 
 # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` inside get_peft_model and
 # PeftModel.from_pretrained (its call, not ours): keep that FutureWarning out of every LoRA run and score
@@ -37,10 +38,46 @@ def tiny_config(tokenizer: Any, hidden_size: int = 64, num_layers: int = 2) -> A
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
+# what a local folder must hold: one file of each group
+MODEL_FILES = (("config.json",),
+               ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+TOKENIZER_FILES = (("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"),)
+
+
+def check_model_sources(model: str, tokenizer: str | None) -> None:
+    """A local model or tokenizer folder that is missing, is a file, or lacks the files it needs stops the run with
+    one line before anything is written or loaded (transformers would answer a mistyped path with a hub error).
+    'owner/name' and bare names that are no local path are left to the hub."""
+    for location, option, needs in ((model, "--model_name_or_path", MODEL_FILES),
+                                    (tokenizer, "--tokenizer_name_or_path", TOKENIZER_FILES)):
+        if location is None or location == TINY:
+            continue
+        path = Path(location).expanduser()
+        if path.is_dir():
+            for group in needs:
+                if not any((path / name).is_file() for name in group):
+                    raise ConfigError(f"{option} {location}: the folder holds none of {', '.join(group)}")
+        elif path.exists():
+            raise ConfigError(f"{option} {location}: a file, not a model folder")
+        elif ("/" in location and not is_hub_name(location)) or location.startswith(("~", ".")):
+            raise ConfigError(f"{option} {location}: no such folder")
+
+
+def cannot_load(what: str, err: Exception) -> ConfigError:
+    """transformers' loading error (missing weights, a hub name that cannot be had offline, no usable tokenizer
+    files) as one line that says which setting pointed there."""
+    text = str(err).strip()
+    return ConfigError(f"{what}: cannot be loaded: {text.splitlines()[0] if text else type(err).__name__}")
+
+
 def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> Any:
     """The tokenizer, right padding, with a pad token that is not the end-of-turn token when one can be had."""
     source = TINY_TOKENIZER if name_or_path == TINY else name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        raise cannot_load(f"the tokenizer at {name_or_path} (--tokenizer_name_or_path, else --model_name_or_path)",
+                          err) from None
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -75,8 +112,11 @@ def load_backbone(name_or_path: str, tokenizer: Any, dtype: torch.dtype, cache_d
         with no_zero3_init(accelerator):
             model = AutoModelForSequenceClassification.from_config(tiny_config(tokenizer), dtype=dtype)
     else:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=1, dtype=dtype, cache_dir=cache_dir, output_loading_info=True)
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, num_labels=1, dtype=dtype, cache_dir=cache_dir, output_loading_info=True)
+        except OSError as err:
+            raise cannot_load(f"--model_name_or_path {name_or_path}", err) from None
         if any(key.startswith("score.") for key in info["missing_keys"]):
             init_score_head(model)
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -58,6 +58,29 @@ def test_bad_launch_settings_exit_2_before_anything_is_written(tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+@pytest.mark.parametrize("case", ["no_such_folder", "a_file", "empty_folder", "config_without_weights",
+                                  "tokenizer_folder_without_files"])
+def test_a_bad_model_or_tokenizer_folder_exits_2_before_anything_is_written(tmp_path, capsys, case):
+    """A mistyped or incomplete local model folder is named in one line, not answered by a hub error or a
+    traceback after the data was tokenized, and the output_dir is not created."""
+    (tmp_path / "a_file").write_text("keep me")
+    (tmp_path / "folder").mkdir()
+    option, location, expected = "--model_name_or_path", tmp_path / "folder", "the folder holds none of config.json"
+    if case == "no_such_folder":
+        location, expected = tmp_path / "qwen3-0.6b", "no such folder"
+    elif case == "a_file":
+        location, expected = tmp_path / "a_file", "a file, not a model folder"
+    elif case == "config_without_weights":
+        (tmp_path / "folder" / "config.json").write_text("{}")
+        expected = "the folder holds none of model.safetensors"
+    elif case == "tokenizer_folder_without_files":
+        option, expected = "--tokenizer_name_or_path", "the folder holds none of tokenizer.json"
+    out = tmp_path / "out"
+    code, err = run_main(capsys, *TINY_RUN, option, location, "--output_dir", out)  # the last flag wins
+    assert code == 2 and err.count("\n") == 1 and f"error: {option} {location}: {expected}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "folder"]
+
+
 def tokenizer_without_special_tokens(folder: Path) -> Path:
     """The shipped tiny tokenizer with its pad, eos and unk tokens removed (the template keeps its own markers)."""
     from rm.model import TINY_TOKENIZER

@@ -26,6 +26,7 @@ import torch
 from transformers.hf_argparser import string_to_bool
 
 from rm.cli import DefaultsHelpFormatter
+from rm.config import ConfigError
 from rm.data import DataError, Pair, read_pairs, read_records
 from rm.loss import reward_metrics
 from rm.outputs import ADAPTER_DIR, MODEL_DIR, SCORES_DIR
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = score(args)
-    except (ScoreError, DataError) as err:
+    except (ScoreError, DataError, ConfigError) as err:  # ConfigError: a tokenizer that cannot be loaded
         print(f"error: {err}", file=sys.stderr)
         return 2
     if "accuracy" in summary:
