@@ -34,8 +34,8 @@ from rm.evaluate import collect_rewards, evaluate, summarize_rewards
 from rm.export import export_reward_model
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.loss import pairwise_loss, split_rewards
-from rm.model import (RewardModel, apply_lora, compile_decoder_layers, compile_requested, compiled_graphs,
-                      check_model_sources, disable_dropout, load_backbone, load_tokenizer, needs_checkpointing,
+from rm.model import (RewardModel, apply_lora, check_model_sources, compile_decoder_layers, compile_requested,
+                      compiled_graphs, disable_dropout, load_backbone, load_tokenizer, needs_checkpointing,
                       start_compile_workers)
 from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, write_json
 from rm.plots import write_training_plots
