@@ -2,7 +2,8 @@
 # The qwen-lora rows of docs/speed_results.md (session 4, call 5) in one GPU call: side_by_side.sh's qwen-lora
 # command (the original defaults, Qwen3-0.6B shape, random weights, dpo_zh_500) on the default path (62 steps: eager
 # by the 200-step rule), with --torch_compile true, and for 4 epochs (248 steps: compiled by the rule), then TRL 1.16
-# as side_by_side.sh runs it, one after the other on one GPU.
+# as side_by_side.sh runs it, one after the other on one GPU. ROWS="default" runs only the first project row
+# (bench/gpu_check.sh does).
 # On the GPU machine, in the project root:  source .whl/env.sh && bash bench/lora_rows.sh
 set -u
 K=.whl/bench; D=.whl/data; OUT=${OUT:-/tmp}
@@ -30,9 +31,10 @@ PY
 }
 echo "| run | steps | torch.compile | first step after launch | whole run | pairs/s (windows after the first) |"
 echo "|---|---:|---|---:|---:|---:|"
-row default
-row compiled --torch_compile true
-row default-4-epochs --num_train_epochs 4
+declare -A FLAGS=([default]="" [compiled]="--torch_compile true" [default-4-epochs]="--num_train_epochs 4")
+for name in ${ROWS:-default compiled default-4-epochs}; do
+  row $name ${FLAGS[$name]}
+done
 MODEL=/tmp/q06 DATA=$D/dpo_zh_500.jsonl LORA=1 BS=1 GA=8 GC=1 MAX_STEPS=10 timeout ${TRL_TIMEOUT:-140} \
   python3 $K/trl_peer.py > $OUT/trl_qwen-lora.log 2>&1
 echo "TRL 1.16 qwen-lora pairs/s: $(grep '^PEER' $OUT/trl_qwen-lora.log | \
