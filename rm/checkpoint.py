@@ -34,8 +34,8 @@ from rm.config import RECIPES, ConfigError, TrainConfig
 from rm.data import data_files, is_hub_name
 from rm.guards import TrainingStopped, resume_command
 from rm.outputs import CHECKPOINT_PREFIX as PREFIX
-from rm.outputs import (COMPLETE_MARKER, DATA_ORDER, RUN_LOCK, SCHEDULER_STATE, STAGING_PREFIX, TRAIN_DATA,
-                        write_json)
+from rm.outputs import (COMPLETE_MARKER, DATA_ORDER, SCHEDULER_STATE, STAGING_PREFIX, TRAIN_DATA, write_json,
+                        written_by_others)
 from rm.outputs import TRAINER_STATE as POSITION_FILE
 from rm.outputs import TRAINING_CONFIG as CONFIG_FILE
 from rm.runtime import check_output_dir, warn
@@ -143,9 +143,8 @@ def _choose_checkpoint(cfg: TrainConfig) -> str:
 
 
 def _check_output_dir_holds_this_run(cfg: TrainConfig) -> None:
-    others = [name for name in os.listdir(cfg.output_dir) if name != RUN_LOCK] if os.path.isdir(cfg.output_dir) \
-        else []
-    if others and not any(_is_this_run(path, cfg) for path in complete_checkpoints(cfg.output_dir)):
+    holds_this_run = any(_is_this_run(path, cfg) for path in complete_checkpoints(cfg.output_dir))
+    if written_by_others(cfg.output_dir) and not holds_this_run:
         raise ConfigError(f"output_dir {cfg.output_dir!r} holds another run (no checkpoint with these settings); "
                           "resume into an empty output_dir or the run's own")
 

@@ -39,6 +39,7 @@ SCHEDULER_STATE = "scheduler.json"
 TRAIN_DATA = "train_data.json"  # size and sha256 of each train data file: a resume on changed data is refused
 MANIFEST = "manifest.json"  # size and sha256 of every file of a checkpoint, checked at resume
 RUN_LOCK = "run.lock"  # pid, host and start time of the run writing into output_dir
+RUN_LOCK_DRAFT_PREFIX = RUN_LOCK + ".tmp-"  # the lock while it is written, before it is linked into place
 
 # What a run writes into output_dir besides checkpoints: --overwrite_output_dir removes these (and checkpoints).
 RUN_OUTPUTS = (MODEL_DIR, ADAPTER_DIR, TRAINING_CONFIG, RUN_INFO, METRICS, CURVES_PLOT, HISTOGRAM_PLOT,
@@ -46,6 +47,15 @@ RUN_OUTPUTS = (MODEL_DIR, ADAPTER_DIR, TRAINING_CONFIG, RUN_INFO, METRICS, CURVE
 
 FILE_MODE = 0o644  # readable by the people and jobs that load the model, whatever the umask
 DIR_MODE = 0o755
+
+
+def written_by_others(output_dir: str) -> list[str]:
+    """What output_dir holds besides this run's lock (and the lock's draft: another rank of this run may look while
+    the global rank 0 is taking it). Empty when output_dir does not exist."""
+    if not os.path.isdir(output_dir):
+        return []
+    return [name for name in os.listdir(output_dir)
+            if name != RUN_LOCK and not name.startswith(RUN_LOCK_DRAFT_PREFIX)]
 
 
 def check_writable(output_dir: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from rm.checkpoint import step_of
 from rm.config import ConfigError, TrainConfig
-from rm.outputs import DIR_MODE, RUN_LOCK, RUN_OUTPUTS, STAGING_PREFIX, check_writable
+from rm.outputs import DIR_MODE, RUN_LOCK, RUN_LOCK_DRAFT_PREFIX, RUN_OUTPUTS, STAGING_PREFIX, check_writable
 from rm.runtime import warn
 
 
@@ -60,7 +60,7 @@ def _take_lock(lock: str) -> dict[str, Any]:
           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:300]}
     folder = os.path.dirname(lock)
     for _ in range(3):  # a stale lock removed, then a race lost to another starting run: read its lock again
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=RUN_LOCK_DRAFT_PREFIX)
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as f:
                 json.dump(me, f)

@@ -14,7 +14,7 @@ from accelerate import Accelerator, DistributedType
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
 from rm.config import ConfigError, TrainConfig
-from rm.outputs import RUN_LOCK
+from rm.outputs import written_by_others
 
 if TYPE_CHECKING:
     from rm.model import RewardModel
@@ -29,9 +29,7 @@ def warn(message: str) -> None:
 def check_output_dir(cfg: TrainConfig) -> None:
     """Refuse to write into a non-empty output_dir unless asked to: nothing already written is overwritten. This
     run's own lock (rm/run_lock.py hold_output_dir) does not count."""
-    written = [name for name in os.listdir(cfg.output_dir) if name != RUN_LOCK] if os.path.isdir(cfg.output_dir) \
-        else []
-    if written and not cfg.overwrite_output_dir:
+    if written_by_others(cfg.output_dir) and not cfg.overwrite_output_dir:
         raise ConfigError(f"output_dir {cfg.output_dir!r} exists and is not empty; pass --overwrite_output_dir "
                           "true to write into it, or choose another directory")
 

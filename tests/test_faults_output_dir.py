@@ -131,3 +131,29 @@ def test_overwrite_removes_the_previous_runs_outputs_so_runs_never_mix(tmp_path,
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert max(h["step"] for h in history) == 3
     assert not (out / RUN_LOCK).exists()
+
+
+def test_another_rank_checking_while_rank_0_takes_the_lock_sees_an_empty_output_dir(tmp_path, monkeypatch):
+    """The race CI hit on a 2-process run: rank 1 checked output_dir while rank 0's lock draft was on disk (written,
+    not yet linked into place) and refused the run's own fresh output_dir as 'not empty'. Here the other rank's checks
+    run at exactly that moment."""
+    import rm.run_lock
+    from rm.checkpoint import prepare_output_dir
+    from rm.config import parse_config
+    from rm.run_lock import hold_output_dir
+    from rm.runtime import check_output_dir
+
+    out = tmp_path / "out"
+    cfg = parse_config(["--output_dir", str(out), *map(str, RUN)])
+    seen, link = [], os.link
+
+    def other_rank_checks_then_link(source, target):
+        seen.append(sorted(os.listdir(out)))
+        check_output_dir(cfg)
+        assert prepare_output_dir(cfg) is None
+        link(source, target)
+
+    monkeypatch.setattr(rm.run_lock.os, "link", other_rank_checks_then_link)
+    with hold_output_dir(cfg):
+        assert sorted(os.listdir(out)) == [RUN_LOCK]
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0] != RUN_LOCK  # the draft was there, alone
