@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
 from collections import Counter
 from typing import Any, Callable, get_args, get_type_hints
 
@@ -185,10 +187,10 @@ def encode_pairs(pairs: list[Pair], encoder: PairEncoder, cache_dir: str | None 
     cache_path = None
     if cache_dir:
         cache_path = os.path.join(cache_dir, f"tokenized-{name}-{_fingerprint(pairs, encoder)}")
-        if os.path.isdir(cache_path):
-            encoded = datasets.load_from_disk(cache_path)
-            log(f"{name}: {len(encoded)} pairs loaded from the token cache {cache_path}")
-            return encoded
+        cached = _load_cached(cache_path, log)
+        if cached is not None:
+            log(f"{name}: {len(cached)} pairs loaded from the token cache {cache_path}")
+            return cached
     rows: dict[str, list] = {"chosen_input_ids": [], "rejected_input_ids": [], "margin": []}
     totals: Counter = Counter()
     # disable=None: tqdm draws no bar when stderr is not a terminal (captured logs get the summary line only)
@@ -203,8 +205,37 @@ def encode_pairs(pairs: list[Pair], encoder: PairEncoder, cache_dir: str | None 
         f"(identical after truncation), kept {len(rows['margin'])}")
     encoded = datasets.Dataset.from_dict(rows)
     if cache_path:
-        encoded.save_to_disk(cache_path)
+        _publish(encoded, cache_path)
     return encoded
+
+
+def _load_cached(cache_path: str, log: Callable[[str], None]) -> "datasets.Dataset | None":
+    """The cached token ids, or None: not cached, or a cache that does not load (written by an older version that
+    saved in place and was killed mid-save): removed, to be rebuilt."""
+    import datasets
+
+    if not os.path.isdir(cache_path):
+        return None
+    try:
+        return datasets.load_from_disk(cache_path)
+    except Exception as err:  # noqa: BLE001  (whatever a damaged cache raises, tokenizing again is the answer)
+        log(f"warning: the token cache {cache_path} does not load ({type(err).__name__}: {err}); tokenizing again")
+        shutil.rmtree(cache_path, ignore_errors=True)
+        return None
+
+
+def _publish(encoded: "datasets.Dataset", cache_path: str) -> None:
+    """Saves next to cache_path, then renames into place: a reader never sees a half-written cache, whether the
+    writer is killed or another job (a sweep sharing cache_dir, another node's ranks on their own disk) writes the
+    same cache at the same moment. The first rename wins; a later writer discards its own copy."""
+    draft = f"{cache_path}.tmp-{socket.gethostname()}-{os.getpid()}"
+    encoded.save_to_disk(draft)
+    try:
+        os.rename(draft, cache_path)
+    except OSError:
+        if not os.path.isdir(cache_path):
+            raise
+        shutil.rmtree(draft, ignore_errors=True)
 
 
 def pad_rows(rows: list[list[int]], pad_token_id: int,

@@ -1,9 +1,12 @@
+import os
+import shutil
+
 import pytest
 import torch
 
 from conftest import ROOT
 from rm.data import read_pairs
-from rm.encoding import PairCollator, PairEncoder, encode_pairs
+from rm.encoding import PairCollator, PairEncoder, _publish, encode_pairs
 from rm.layouts import Pair
 
 PROMPT = [{"role": "user", "content": "How was the hotel?"}]
@@ -53,6 +56,47 @@ def test_encode_pairs_logs_counts_and_caches(tokenizer, tmp_path):
     assert len(ds) == 1 and "read 2 pairs" in messages[0] and "dropped 1" in messages[0]
     again = encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False, log=messages.append)
     assert "token cache" in messages[-1] and again["chosen_input_ids"] == ds["chosen_input_ids"]
+
+
+def test_the_token_cache_is_published_whole_and_a_damaged_one_is_rebuilt(tokenizer, tmp_path, monkeypatch):
+    """Two jobs sharing cache_dir (a sweep), or two nodes' ranks on their own disks, tokenize the same data at once,
+    and a run can be killed mid-save. A reader must never find a half-written cache at the cache's path, and a
+    damaged one (older versions saved in place) costs a re-tokenization, not the run."""
+    import datasets
+
+    pairs = [Pair(PROMPT, "good", "bad"), Pair(PROMPT, "fine", "poor")]
+    enc = PairEncoder(tokenizer, 1024, 8)
+    save = datasets.Dataset.save_to_disk
+
+    def killed_mid_save(self, path, *args, **kwargs):
+        save(self, path, *args, **kwargs)
+        os.unlink(os.path.join(path, "state.json"))  # what a kill before the last file leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", killed_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False)
+    assert [name for name in os.listdir(tmp_path) if ".tmp-" not in name] == []  # nothing at the cache's path
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", save)
+    for draft in tmp_path.iterdir():
+        shutil.rmtree(draft)
+
+    messages = []
+    first = encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False, log=messages.append)
+    (cache,) = os.listdir(tmp_path)
+    # a second writer of the same cache (it missed the cache too) keeps the first one's files and leaves no draft
+    _publish(datasets.Dataset.from_dict({"chosen_input_ids": [[1]], "rejected_input_ids": [[2]], "margin": [0.0]}),
+             str(tmp_path / cache))
+    assert os.listdir(tmp_path) == [cache]
+    assert encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False, log=messages.append)[
+        "chosen_input_ids"] == first["chosen_input_ids"] and "token cache" in messages[-1]
+
+    (tmp_path / cache / "state.json").write_text('{"_data_files": [')  # a damaged cache
+    again = encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False, log=messages.append)
+    assert any("does not load" in m and "tokenizing again" in m for m in messages), messages
+    assert again["chosen_input_ids"] == first["chosen_input_ids"] and os.listdir(tmp_path) == [cache]
+    encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False, log=messages.append)
+    assert "loaded from the token cache" in messages[-1]
 
 
 def test_collator_orders_chosen_then_rejected_and_pads_right():
