@@ -40,7 +40,7 @@ from rm.model import (RewardModel, apply_lora, check_model_sources, compile_deco
 from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, write_json
 from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
-from rm.run_lock import hold_output_dir, remove_previous_run
+from rm.run_lock import hold_output_dir, remove_later_checkpoints, remove_previous_run
 from rm.runtime import (build_optimizer, build_scheduler, check_accelerator_settings, check_launch_environment,
                         describe_run, make_accelerator, model_dtype, optimizer_steps, peak_learning_rates,
                         resolve_mixed_precision, seconds_since_launch, zero_stage)
@@ -134,7 +134,9 @@ def setup(cfg: TrainConfig) -> Run:
     if resume_from:
         log(f"resumed from {resume_from}: step {position.global_step}, epoch {position.epoch + 1}, "
             f"{position.micro_batches_in_epoch} micro-batches of it done")
-    if cfg.overwrite_output_dir and not resume_from and accelerator.is_main_process:
+    if cfg.overwrite_output_dir and resume_from:
+        remove_later_checkpoints(cfg.output_dir, position.global_step)  # the course the resumed run abandons
+    elif cfg.overwrite_output_dir:
         remove_previous_run(cfg.output_dir)  # only now: bad data or a failed model build never costs the old run
     tensorboard = {"tensorboard": {"purge_step": position.global_step + 1}} if resume_from else {}
     hparams = {k: (v if v is not None else "") for k, v in dataclasses.asdict(cfg).items()}

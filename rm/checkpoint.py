@@ -89,6 +89,12 @@ def complete_checkpoints(output_dir: str) -> list[str]:
             if step is not None and is_complete(path)]
 
 
+def later_checkpoints(output_dir: str, step: int) -> list[str]:
+    """The complete checkpoints in output_dir past `step`: the course a run took after it, which a resume from
+    `step` abandons."""
+    return [path for path in complete_checkpoints(output_dir) if step_of(os.path.basename(path)) > step]
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     checkpoints = complete_checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
@@ -124,6 +130,12 @@ def _choose_checkpoint(cfg: TrainConfig) -> str:
         except DamagedCheckpointError as err:
             raise DamagedCheckpointError(f"--resume_from_checkpoint {checkpoint!r}: {err}; resume from an earlier "
                                          "checkpoint or from 'latest'") from None
+        later = later_checkpoints(cfg.output_dir, _read_json(checkpoint, COMPLETE_MARKER)["global_step"])
+        if later and not cfg.overwrite_output_dir:
+            raise ConfigError(f"--resume_from_checkpoint {checkpoint!r}: output_dir {cfg.output_dir!r} holds later "
+                              f"checkpoints ({', '.join(os.path.basename(c) for c in later)}); the resumed run's "
+                              "saves would mix with them (`latest` and --save_total_limit go by step). Pass "
+                              "--overwrite_output_dir true to remove them, or resume into another output_dir")
         return checkpoint
     candidates = complete_checkpoints(cfg.output_dir)
     if not candidates:

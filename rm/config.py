@@ -109,7 +109,8 @@ class TrainConfig:
         "help": "Where the model, metrics, plots, tensorboard logs and checkpoints go."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Replace the run in output_dir: its checkpoints, model, metrics and logs are removed just before "
-                "this run's first write (other files stay)."})
+                "this run's first write (other files stay). With --resume_from_checkpoint: the checkpoints past "
+                "the resumed one are removed."})
     logging_steps: int = field(default=10, metadata={"help": "Log train metrics every this many optimizer steps."})
     eval_steps: int = field(default=50, metadata={"help": "Evaluate every this many optimizer steps."})
     save_steps: int = field(default=500, metadata={

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from rm.checkpoint import step_of
+from rm.checkpoint import later_checkpoints, step_of
 from rm.config import ConfigError, TrainConfig
 from rm.outputs import DIR_MODE, RUN_LOCK, RUN_LOCK_DRAFT_PREFIX, RUN_OUTPUTS, STAGING_PREFIX, check_writable
 from rm.runtime import warn
@@ -144,3 +144,16 @@ def remove_previous_run(output_dir: str) -> None:
             os.unlink(path)
     if removed:
         warn(f"--overwrite_output_dir: removed the previous run's outputs from {output_dir}: {', '.join(removed)}")
+
+
+def remove_later_checkpoints(output_dir: str, step: int) -> None:
+    """--overwrite_output_dir with a resume from an earlier checkpoint: the checkpoints past it go (rank 0, just
+    before the first write), so `latest` and rotation follow the resumed run only."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    removed = later_checkpoints(output_dir, step)
+    for path in removed:
+        shutil.rmtree(path)
+    if removed:
+        warn(f"--overwrite_output_dir: removed the checkpoints past step {step}: "
+             f"{', '.join(os.path.basename(path) for path in removed)}")

@@ -222,6 +222,24 @@ def test_no_usable_checkpoint_left(runs, data_dir, tmp_path, call_main):
     assert snapshot(out) == before
 
 
+def test_a_resume_from_an_earlier_checkpoint_removes_the_later_ones_only_when_asked(runs, data_dir, tmp_path,
+                                                                                   call_main):
+    """Resuming from checkpoint-1 while checkpoint-2 of the abandoned course is there: its saves would mix with that
+    course (`latest` and rotation go by step: a later step of the old course would outlive, and be resumed instead
+    of, the resumed run's own checkpoints). Refused, naming them; --overwrite_output_dir true removes them."""
+    out = copy_run(runs, "plain", tmp_path)
+    before = snapshot(out)
+    resume = [*run_args(data_dir), "--output_dir", out, "--resume_from_checkpoint", out / "checkpoint-1"]
+    code, err = call_main(*resume)
+    assert code == 2 and "holds later checkpoints (checkpoint-2)" in err and "--overwrite_output_dir true" in err, err
+    assert snapshot(out) == before
+    code, err = call_main(*resume, "--overwrite_output_dir", "true")
+    assert code == 0 and "removed the checkpoints past step 1: checkpoint-2" in err, err
+    assert "resumed from" in err and (out / "checkpoint-2" / "COMPLETE").is_file() and (out / "model").is_dir()
+    code, err = call_main(*run_args(data_dir), "--output_dir", out, "--resume_from_checkpoint", "latest")
+    assert code == 0 and "checkpoint-2" in err, err  # the resumed run's own, the newest
+
+
 def test_changed_train_data_is_refused_unless_allowed(runs, data_dir, tmp_path, call_main):
     out = copy_run(runs, "plain", tmp_path)
     train_file = data_dir / "train.jsonl"
@@ -230,13 +248,13 @@ def test_changed_train_data_is_refused_unless_allowed(runs, data_dir, tmp_path, 
         lines = original.decode().splitlines(keepends=True)
         train_file.write_text("".join(lines[1:] + lines[:1]))  # same pairs, another order: another data order
         before = snapshot(out)
-        code, err = call_main(*run_args(data_dir), "--output_dir", out, "--resume_from_checkpoint",
-                              out / "checkpoint-1")
+        resume = ["--output_dir", out, "--resume_from_checkpoint", out / "checkpoint-1", "--overwrite_output_dir",
+                  "true"]  # checkpoint-2 goes (test_a_resume_from_an_earlier_checkpoint_...)
+        code, err = call_main(*run_args(data_dir), *resume)
         assert code == 2 and f"the train data at {train_file} changed" in err, err
         assert "train.jsonl: content changed" in err and "--allow_changed_data true" in err
         assert snapshot(out) == before
-        code, err = call_main(*run_args(data_dir), "--output_dir", out, "--resume_from_checkpoint",
-                              out / "checkpoint-1", "--allow_changed_data", "true")
+        code, err = call_main(*run_args(data_dir), *resume, "--allow_changed_data", "true")
         assert code == 0 and "continuing on changed train data" in err, err
     finally:
         train_file.write_bytes(original)
