@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from rm.attention import enable_varlen_attention, varlen_available
 from rm.batching import build_train_loader, is_placeholder, micro_batches_per_process, model_inputs
-from rm.checkpoint import Position, load_checkpoint, prepare_output_dir, save_checkpoint
+from rm.checkpoint import Position, agreed_checkpoint, load_checkpoint, prepare_output_dir, save_checkpoint
 from rm.config import ConfigError, TrainConfig, parse_config
 from rm.data import DataError, check_enough_pairs, load_training_data
 from rm.encoding import PairCollator, PairEncoder, encode_pairs
@@ -43,7 +43,7 @@ from rm.progress import DataPosition, MetricsWindow
 from rm.run_lock import hold_output_dir, remove_later_checkpoints, remove_previous_run
 from rm.runtime import (build_optimizer, build_scheduler, check_accelerator_settings, check_launch_environment,
                         describe_run, make_accelerator, model_dtype, optimizer_steps, peak_learning_rates,
-                        resolve_mixed_precision, seconds_since_launch, zero_stage)
+                        resolve_mixed_precision, seconds_since_launch, shut_down_process_groups, zero_stage)
 
 # torch deprecations of calls inside DeepSpeed (not ours)
 warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*")
@@ -76,6 +76,7 @@ def setup(cfg: TrainConfig) -> Run:
     resume_from = prepare_output_dir(cfg)  # a fresh output_dir or this run's own (main's lock checked it writable)
     check_launch_environment()
     accelerator = make_accelerator(cfg)
+    resume_from = agreed_checkpoint(accelerator, resume_from)
     set_seed(cfg.seed)
     log = (lambda message: tqdm.write(message)) if accelerator.is_main_process else (lambda message: None)
     stage = zero_stage(accelerator)
@@ -298,8 +299,6 @@ def finish(run: Run, step: int) -> dict[str, Any]:
     run.log("final: " + json.dumps(final))
     accelerator.wait_for_everyone()  # before end_training: avoids the exit-time crashes seen under ZeRO-3
     accelerator.end_training()
-    if torch.distributed.is_initialized():  # shut the process groups down now, not in interpreter teardown, where
-        torch.distributed.destroy_process_group()  # DeepSpeed's references left gloo to abort a rank (SIGABRT)
     return final
 
 
@@ -326,14 +325,16 @@ def main(argv: list[str] | None = None) -> int:
         check_model_sources(cfg.model_name_or_path, cfg.tokenizer_name_or_path)
         with hold_output_dir(cfg):  # one run per output_dir
             train(cfg)
+        code = 0
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except TrainingStopped as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    return 0
+        code = err.exit_code
+    shut_down_process_groups()  # finished, refused or stopped: the exit code is this one, not a SIGABRT at exit
+    return code
 
 
 if __name__ == "__main__":

@@ -161,6 +161,21 @@ def _check_output_dir_holds_this_run(cfg: TrainConfig) -> None:
                           "resume into an empty output_dir or the run's own")
 
 
+def agreed_checkpoint(accelerator: Accelerator, checkpoint: str | None) -> str | None:
+    """Every rank chose the checkpoint to resume from on its own, before the processes could talk. A rank that saw
+    the file system otherwise (a stale network file system cache, a read error that made a checkpoint look damaged
+    there) would resume from another one, silently: refused, naming each rank's choice."""
+    from accelerate.utils import gather_object
+
+    chosen = gather_object([checkpoint])
+    if len(set(chosen)) > 1:
+        raise ConfigError("the processes chose different checkpoints to resume from (" +
+                          ", ".join(f"rank {rank}: {path}" for rank, path in enumerate(chosen)) +
+                          "): every node must see the same output_dir; name the checkpoint with "
+                          "--resume_from_checkpoint PATH")
+    return checkpoint
+
+
 # ---------------------------------------------------------------------------------------------- the train data
 _STARTED_WITH: dict[str, dict[str, Any]] = {}  # output_dir -> the train data's fingerprint when this run started
 

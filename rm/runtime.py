@@ -34,6 +34,13 @@ def check_output_dir(cfg: TrainConfig) -> None:
                           "true to write into it, or choose another directory")
 
 
+def shut_down_process_groups() -> None:
+    """Now, not in interpreter teardown: DeepSpeed keeps references to the gloo groups after end_training, and their
+    destructors at exit aborted a rank now and then (SIGABRT: exit code -6 in place of the run's own)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def check_launch_environment() -> None:
     """Under a launcher, more processes on this node than GPUs means a yaml/topology mismatch: say so before CUDA
     fails with an invalid device ordinal."""

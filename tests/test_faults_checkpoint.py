@@ -6,9 +6,11 @@ Resumes that are refused go through train.py's `main` in this process: the check
 the launcher makes no difference to them. The disk-full cases mount a real tmpfs (root only; skipped otherwise)."""
 
 import json
+import os
 import pickle
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -266,7 +268,8 @@ def test_another_number_of_processes_is_refused(runs, data_dir, tmp_path, call_m
     (checkpoint / "random_states_0.pkl").rename(checkpoint / "random_states_1.pkl")  # as rank 1 of 2 saved it
     write_manifest(str(checkpoint))
     before = snapshot(out)
-    code, err = call_main(*run_args(data_dir), "--output_dir", out, "--resume_from_checkpoint", checkpoint)
+    code, err = call_main(*run_args(data_dir), "--output_dir", out, "--resume_from_checkpoint", checkpoint,
+                          "--overwrite_output_dir", "true")  # checkpoint-2 would go, were the resume accepted
     assert code == 2 and f"{checkpoint} holds the RNG states of processes [1]" in err, err
     assert snapshot(out) == before
 
@@ -348,3 +351,41 @@ def test_full_disk_while_saving(data_dir, small_disk, call_main, case):
     assert sorted(p.name for p in out.iterdir()) == kept  # no staging folder, no partial model, no lock
     for name in kept:
         verify_checkpoint(str(out / name))
+
+
+AGREE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from accelerate import Accelerator
+from rm.checkpoint import agreed_checkpoint
+from rm.config import ConfigError
+from rm.runtime import shut_down_process_groups
+
+accelerator = Accelerator(cpu=True)
+rank = accelerator.process_index
+assert agreed_checkpoint(accelerator, "out/checkpoint-4") == "out/checkpoint-4"
+assert agreed_checkpoint(accelerator, None) is None
+try:
+    agreed_checkpoint(accelerator, f"out/checkpoint-{4 - 2 * rank}")  # rank 1 saw checkpoint-4 as damaged
+    print(f"rank {rank} accepted", flush=True)
+except ConfigError as err:
+    print(f"rank {rank} refused: {err}", flush=True)
+shut_down_process_groups()  # as train.main does on every exit: no SIGABRT from gloo's destructors at exit
+"""
+
+
+def test_processes_that_chose_different_checkpoints_are_refused_on_every_rank(tmp_path):
+    """Each rank picks the checkpoint before the processes can talk; 2 real gloo processes whose choices differ
+    both stop with the same message, rather than resume from different states."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "29543",
+                           "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                           "--dynamo_backend", "no", str(script), str(ROOT)],
+                          env={**os.environ, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    choices = "(rank 0: out/checkpoint-4, rank 1: out/checkpoint-2)"
+    for rank in (0, 1):
+        assert f"rank {rank} refused: the processes chose different checkpoints to resume from {choices}" \
+            in proc.stdout, proc.stdout
