@@ -10,12 +10,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field, fields
+from decimal import Decimal, InvalidOperation
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, NoReturn, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 
 class ConfigError(ValueError):
@@ -213,36 +218,159 @@ def check_value(name: str, value: Any, source: str) -> None:
         raise ConfigError(f"{source}: setting {name!r} must be {expected}, got {value!r}")
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """The settings of a yaml or json file, each checked for name, type and range."""
+# ---- trackers: the packages accelerate logs through (any one of them will do). 'all' logs to whichever are
+# installed, 'none' to nothing: neither needs a package.
+TRACKER_PACKAGES: dict[str, tuple[str, ...]] = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_tracker_installed(report_to: str) -> None:
+    """ConfigError when the tracker `report_to` names is not installed (accelerate would only warn, and track
+    nothing). Looked up with find_spec: the tracker is not imported."""
+    packages = TRACKER_PACKAGES.get(report_to, ())
+    if packages and not any(find_spec(package) for package in packages):
+        raise ConfigError(f"--report_to: setting 'report_to' is {report_to!r}, but the {packages[0]} package is not "
+                          f"installed (pip install {packages[0]}, or use report_to none)")
+
+
+# ---- the --config file
+class _SettingsLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a scalar key is hashable; merge keys (<<) are meant to be overridden
+            key = self.construct_object(key_node)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first_line[key]})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    """A PyYAML error as its line, column and problem (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(err).split())
+    context = f" ({err.context})" if err.context else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}{context}"
+
+
+def _read_settings(path: str) -> Any:
+    """The parsed content of a yaml or json file, or ConfigError naming the file (and the line, for yaml)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"--config {path}: cannot read it ({err.strerror})") from None
     try:
-        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: not valid {'json' if path.endswith('.json') else 'yaml'}: {err}") from None
+        return json.loads(text) if path.endswith(".json") else yaml.load(text, Loader=_SettingsLoader)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid json: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid yaml: {_one_line(err)}") from None
+
+
+def _yaml_number(name: str, value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads 1e-5 and 1e3 as strings: for a float setting such a string is its number, for an int
+    setting only when it is an exact integer. Anything else is returned as it is, for check_value to judge."""
+    kind = _field_kind(name)[0]
+    if not isinstance(value, str) or kind not in (int, float):
+        return value
+    try:
+        if kind is float:
+            return float(value)
+        number = Decimal(value)
+    except (ValueError, InvalidOperation):
+        return value
+    return int(number) if number.is_finite() and number == number.to_integral_value() else value
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The settings of a yaml or json file, each checked for name, type and range."""
+    data = _read_settings(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of setting: value")
     known = {f.name for f in fields(TrainConfig)}
     for name, value in data.items():
         if name not in known:
             raise ConfigError(f"{path}: unknown setting {name!r}")
+        if not path.endswith(".json"):
+            data[name] = value = _yaml_number(name, value)
         check_value(name, value, path)
     return data
 
 
+# ---- the command line
+_EXPECTED_TYPE: dict[Callable[[str], Any], str] = {float: "a float", int: "an int", string_to_bool: "true or false"}
+
+
+def _strict(convert: Callable[[str], Any], expected: str, choices: Any) -> Callable[[str], Any]:
+    """`convert`, refusing a value it cannot convert (or that is not one of `choices`) in one phrase."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+            if choices is None or value in choices:
+                return value
+        except (ArgumentTypeError, TypeError, ValueError):
+            pass
+        raise ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return parse
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose refusals are a one-line ConfigError naming the flag, the value and the expected type,
+    instead of argparse's usage text and exit."""
+
+    def add_argument(self, *names: Any, **kwargs: Any) -> Any:
+        if "type" in kwargs:
+            choices = kwargs.get("choices")
+            expected = ("one of " + ", ".join(map(str, choices)) if choices is not None
+                        else _EXPECTED_TYPE.get(kwargs["type"], "a string"))
+            kwargs["type"] = _strict(kwargs["type"], expected, choices)
+        return super().add_argument(*names, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        # argparse says "argument --learning_rate/--learning-rate: ...": keep the flag's first spelling
+        flag, _, problem = message.removeprefix("argument ").partition(": ")
+        raise ConfigError(f"{flag.split('/')[0]}: {problem}" if problem else message)
+
+
+def _negative_numbers_attached(argv: list[str]) -> list[str]:
+    """`--flag -1e-5` as `--flag=-1e-5`: argparse takes -3 and -.5 for values but -1e-5 for an unknown option."""
+    attached: list[str] = []
+    for arg in argv:
+        if attached and _is_bare_flag(attached[-1]) and _is_negative_number(arg):
+            attached[-1] += "=" + arg
+        else:
+            attached.append(arg)
+    return attached
+
+
+def _is_bare_flag(arg: str) -> bool:
+    return arg.startswith("--") and "=" not in arg
+
+
+def _is_negative_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.startswith("-")
+
+
 def build_parser() -> HfArgumentParser:
     """Every TrainConfig field as --name (defaults shown by --help), plus --config FILE."""
-    parser = HfArgumentParser(TrainConfig, description="Train a pairwise (chosen vs rejected) reward model.",
-                              allow_abbrev=False)  # a misspelt flag is an error, not another flag
+    parser = _Parser(TrainConfig, description="Train a pairwise (chosen vs rejected) reward model.",
+                     allow_abbrev=False)  # a misspelt flag is an error, not another flag
     parser.add_argument("--config", help="yaml or json file with any of the settings below; flags override it")
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults, then the --config file, then command-line flags; every value checked, or ConfigError."""
+    argv = _negative_numbers_attached(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     config_file = parser.parse_known_args(argv)[0].config
     if config_file:
@@ -254,6 +382,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(f"unknown command-line arguments {unknown} (see --help)") from None
     for f in fields(TrainConfig):
         check_value(f.name, getattr(cfg, f.name), "--" + f.name)
+    check_tracker_installed(cfg.report_to)
     return apply_recipe(cfg)
 
 
