@@ -53,7 +53,8 @@ class TrainConfig:
                 "python: off). Set against the launcher's choice: refused. training_config.json records what ran."})
     # data
     train_file_dir: str = field(default="data/sample/train.jsonl", metadata={
-        "help": "Directory of .jsonl/.json/.parquet files, one such file, or a datasets hub name."})
+        "help": "Directory of .jsonl/.json/.parquet (.ndjson, .jsonlines) files, one such file, or a datasets hub "
+                "name."})
     validation_file_dir: Optional[str] = field(default=None, metadata={
         "help": "Eval data (same forms as train_file_dir). Unset: the embedded sample's eval file with the embedded "
                 "train file, else a held-out split of the train data; 'none': no evaluation."})

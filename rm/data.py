@@ -1,10 +1,11 @@
 """Reading preference data: one reader for every source, one bad-record policy, the train/eval split.
 
-Sources: a .jsonl/.json/.parquet file (suffix in any case), a directory of them (hidden folders and files skipped,
-symlinked folders followed), or a datasets hub name ('owner/name'). `.txt` files (one text per line) are read for
+Sources: a .jsonl/.json/.parquet file (.ndjson and .jsonlines read as .jsonl; suffix in any case), a directory of
+them (hidden folders and files skipped, other files named in the log, symlinked folders followed), or a datasets hub
+name ('owner/name'). A JSON array is read whole, whatever the suffix. `.txt` files (one text per line) are read for
 rm.score. JSON lines are split on '\\n' only: a JSON string may hold U+2028 or U+0085, which str.splitlines() would
-cut. A UTF-8 byte-order mark is accepted. Each record becomes a `Pair` through rm/layouts.py (layout detected per
-file from its first record); a bad record raises `DataError` naming file:line and field, or, with
+cut. A UTF-8 byte-order mark is accepted. Each record becomes a `Pair` through rm/layouts.py (one layout per file,
+fixed by its first record: `FileLayout`); a bad record raises `DataError` naming file:line and field, or, with
 `skip_bad=True`, is dropped and counted. Train, validate and score all read through `read_pairs`.
 """
 
@@ -18,9 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rm.config import ConfigError, TrainConfig
-from rm.layouts import DataError, Pair, check_pair, detect_layout
+from rm.layouts import DataError, FileLayout, Pair, check_pair
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".ndjson", ".jsonlines")
 EMBEDDED_TRAIN = "data/sample/train.jsonl"  # TrainConfig's default train_file_dir, found from any directory
 EMBEDDED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 NO_EVALUATION = "none"  # validation_file_dir value that turns evaluation off
@@ -32,14 +33,15 @@ Log = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------------------------- sources
-def data_files(location: str) -> list[Path]:
-    """The data files at `location`: the file itself, or every data file under the directory, sorted."""
+def data_files(location: str, log: Log | None = None) -> list[Path]:
+    """The data files at `location`: the file itself, or every data file under the directory, sorted. The other
+    files there (not hidden) are named to `log`."""
     path = Path(location)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise DataError(str(path), "no such file or directory")
-    files, seen = [], set()
+    files, seen, skipped = [], set(), []
     for root, dirs, names in os.walk(path, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:  # a symlink loop
@@ -47,10 +49,14 @@ def data_files(location: str) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .ipynb_checkpoints, .git: not data
-        files += [Path(root) / n for n in sorted(names)
-                  if not n.startswith(".") and Path(n).suffix.lower() in DATA_SUFFIXES]
+        for name in sorted(n for n in names if not n.startswith(".")):
+            (files if Path(name).suffix.lower() in DATA_SUFFIXES else skipped).append(Path(root) / name)
     if not files:
         raise DataError(str(path), f"no {'/'.join(DATA_SUFFIXES)} files in this directory")
+    if skipped and log:
+        log(f"{path}: skipped {len(skipped)} files that are not {'/'.join(DATA_SUFFIXES)}: "
+            + ", ".join(str(p.relative_to(path)) for p in skipped[:SHOWN_BAD_RECORDS])
+            + (", ..." if len(skipped) > SHOWN_BAD_RECORDS else ""))
     return files
 
 
@@ -84,14 +90,20 @@ def _file_records(path: Path, cache_dir: str | None) -> Iterator[Record]:
     if suffix == ".parquet":
         import datasets
 
-        table = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
+        try:
+            table = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
+        except Exception as err:  # noqa: BLE001  (pyarrow's and datasets' errors alike: the file is unreadable)
+            cause = err.__cause__ or err
+            yield str(path), DataError(str(path), f"not a readable Parquet file ({type(cause).__name__}: "
+                                                  f"{str(cause).splitlines()[0] if str(cause) else ''})")
+            return
         for i, row in enumerate(table):
             yield f"{path}:row {i + 1}", row
         return
     raw = path.read_bytes()
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
-    if suffix == ".json" and raw.lstrip().startswith(b"["):  # one JSON array: it parses whole or not at all
+    if suffix != ".txt" and raw.lstrip().startswith(b"["):  # one JSON array (.json or .jsonl): parsed whole
         text = _decode(raw, str(path))
         if isinstance(text, DataError):
             yield str(path), text
@@ -107,13 +119,33 @@ def _file_records(path: Path, cache_dir: str | None) -> Iterator[Record]:
         for i, row in enumerate(rows, start=1):
             yield f"{path}:record {i}", row
         return
+    first = True
     for number, line in enumerate(raw.split(b"\n"), start=1):  # JSON lines (or .txt lines)
         where = f"{path}:{number}"
         text = _decode(line, where)
         if isinstance(text, DataError):
             yield where, text
         elif text.strip():
-            yield where, {"text": text.rstrip("\r")} if suffix == ".txt" else _parse_json(text, where)
+            record = {"text": text.rstrip("\r")} if suffix == ".txt" else _parse_json(text, where)
+            if first and isinstance(record, DataError):
+                record = _one_document(raw, where) or record
+            first = False
+            yield where, record
+
+
+def _one_document(raw: bytes, where: str) -> DataError | None:
+    """The clearer error for a file whose first line is not JSON because the whole file is one JSON object (a
+    pretty-printed record, or {"data": [...]}); None when it is not."""
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    lists = [key for key, value in document.items() if isinstance(value, list)]
+    hint = f" (its field {lists[0]!r} holds a list: make that list the file's whole content)" if lists else ""
+    return DataError(where, "the file is one JSON object over several lines; expected JSON lines (one record per "
+                            f"line) or a JSON array of records{hint}")
 
 
 def _hub_records(name: str, split: str, cache_dir: str | None) -> Iterator[Record]:
@@ -127,13 +159,13 @@ def _hub_records(name: str, split: str, cache_dir: str | None) -> Iterator[Recor
         yield f"{name}[{split}]:row {i + 1}", row
 
 
-def read_records(location: str, split: str = "train",
-                 cache_dir: str | None = None) -> Iterator[tuple[str, Iterator[Record]]]:
+def read_records(location: str, split: str = "train", cache_dir: str | None = None,
+                 log: Log | None = None) -> Iterator[tuple[str, Iterator[Record]]]:
     """(source name, its records) for every file at `location`, or for the hub data set it names."""
     if is_hub_name(location):
         yield f"{location}[{split}]", _hub_records(location, split, cache_dir)
         return
-    for path in data_files(location):
+    for path in data_files(location, log):
         yield str(path), _file_records(path, cache_dir)
 
 
@@ -144,17 +176,13 @@ def read_pairs(location: str, split: str = "train", cache_dir: str | None = None
     counted, the first few named. for_training also refuses what training cannot use (rm.layouts.check_pair)."""
     pairs: list[Pair] = []
     bad: list[DataError] = []
-    for source, records in read_records(location, split, cache_dir):
-        layout, parse, found = "", None, 0
+    for source, records in read_records(location, split, cache_dir, log):
+        layout, found = FileLayout(), 0
         for where, record in records:
             try:
                 if isinstance(record, DataError):
                     raise record
-                if parse is None:
-                    layout, parse = detect_layout(record, where)
-                elif not isinstance(record, dict):
-                    raise DataError(where, f"expected a JSON object, got {type(record).__name__}")
-                pair = parse(record, where)
+                pair = layout.pair(record, where)
                 pair.source = where
                 if for_training:
                     check_pair(pair)
@@ -165,9 +193,11 @@ def read_pairs(location: str, split: str = "train", cache_dir: str | None = None
                 continue
             pairs.append(pair)
             found += 1
-        if parse is None and not skip_bad:
+        if layout.parse is None and not skip_bad:
             raise DataError(source, "holds no records")
-        log(f"{source}: {found} pairs" + (f", layout {layout}" if layout else ""))
+        unread = ", ".join(f"{key} ({count} records)" for key, count in sorted(layout.unread.items()))
+        log(f"{source}: {found} pairs" + (f", layout {layout.name}" if layout.name else "") +
+            (f"; fields not read: {unread}" if unread else ""))
     if bad:
         shown = "; ".join(str(err) for err in bad[:SHOWN_BAD_RECORDS])
         log(f"skip_bad_records: dropped {len(bad)} bad records from {location} (first "

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -46,7 +47,12 @@ def _text(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
         raise DataError(where, f"missing field {key!r}")
     value = record[key]
     if not isinstance(value, str):
-        raise DataError(where, f"field {key!r} must be a string, got {type(value).__name__}")
+        raise DataError(where, f"field {key!r} must be a string, got {_kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # a JSON "\ud800" escape: a text cut inside a character
+        raise DataError(where, f"field {key!r} holds an unpaired UTF-16 surrogate ({value[err.start]!r}) at "
+                               f"character {err.start}: not valid Unicode text") from None
     if not allow_empty and not value.strip():
         raise DataError(where, f"field {key!r} is empty")
     return value
@@ -56,12 +62,24 @@ def _response(record: dict, key: str, where: str) -> str:
     return _text(record, key, where, allow_empty=True)
 
 
-def _sharegpt_turns(turns: Any, key: str, where: str) -> list[dict[str, str]]:
-    """[{from, value}, ...] (ShareGPT) or [{role, content}, ...] (OpenAI) -> [{role, content}, ...]."""
+def _kind(value: Any) -> str:
+    """How a wrong value is named in a message: null, an empty list, or its JSON type."""
+    if value is None:
+        return "null"
+    if value == []:
+        return "an empty list"
+    return {str: "a string", bool: "true/false", int: "a number", float: "a number", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _sharegpt_turns(turns: Any, key: str, where: str, or_text: bool = False) -> list[dict[str, str]]:
+    """[{from, value}, ...] (ShareGPT) or [{role, content}, ...] (OpenAI) -> [{role, content}, ...]. or_text: the
+    field may also be a string (said in the message)."""
     if isinstance(turns, dict):
         turns = [turns]
     if not isinstance(turns, list) or not turns:
-        raise DataError(where, f"field {key!r} must be a non-empty list of messages")
+        raise DataError(where, f"field {key!r} must be {'a string or ' if or_text else ''}a non-empty list of "
+                               f"messages, got {_kind(turns)}")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -132,9 +150,16 @@ def _llamafactory(record: dict, where: str) -> Pair:
     prompt = _sharegpt_turns(record.get("conversations"), "conversations", where)
     if "system" in record and record["system"]:
         prompt.insert(0, {"role": "system", "content": _text(record, "system", where)})
-    chosen = _reply(_sharegpt_turns(record.get("chosen"), "chosen", where), "chosen", where)
-    rejected = _reply(_sharegpt_turns(record.get("rejected"), "rejected", where), "rejected", where)
+    chosen, rejected = (_one_reply(record.get(key), key, where) for key in ("chosen", "rejected"))
     return Pair(prompt, chosen, rejected, _margin(record, where))
+
+
+def _one_reply(value: Any, key: str, where: str) -> str:
+    messages = _sharegpt_turns(value, key, where)
+    if len(messages) != 1:
+        raise DataError(where, f"field {key!r} must be one assistant message, got {len(messages)} messages (the "
+                               "turns before the reply go in 'conversations')")
+    return _reply(messages, key, where)
 
 
 def _medicalgpt_legacy(record: dict, where: str) -> Pair:
@@ -187,10 +212,12 @@ def _trl(record: dict, where: str) -> Pair:
         value = record.get(key)
         if isinstance(value, str):
             return [], _response(record, key, where)
-        messages = _sharegpt_turns(value, key, where)
+        messages = _sharegpt_turns(value, key, where, or_text=True)
         return messages[:-1], _reply(messages, key, where)
 
     (chosen_context, chosen), (rejected_context, rejected) = side("chosen"), side("rejected")
+    if chosen_context != rejected_context:
+        raise DataError(where, "fields 'chosen' and 'rejected' must share every message but the last")
     prompt_value = record.get("prompt")
     if prompt_value not in (None, "", []):
         prompt = ([{"role": "user", "content": _text(record, "prompt", where)}] if isinstance(prompt_value, str)
@@ -199,8 +226,6 @@ def _trl(record: dict, where: str) -> Pair:
     elif is_hh_transcript(chosen) and is_hh_transcript(rejected):
         prompt, chosen, rejected = _hh_implicit_prompt(chosen, rejected, where)
     else:
-        if chosen_context != rejected_context:
-            raise DataError(where, "fields 'chosen' and 'rejected' must share every message but the last")
         prompt = chosen_context  # may be empty: a prompt-less pair
     return Pair(prompt, chosen, rejected, _margin(record, where))
 
@@ -231,3 +256,72 @@ def detect_layout(record: Any, where: str) -> tuple[str, Callable[[dict, str], P
     raise DataError(where, f"unknown layout: fields {sorted(keys)}; expected one of: conversations+chosen+rejected "
                            "(MedicalGPT / LLaMA-Factory), question+response_chosen+response_rejected, "
                            "prompt+chosen+rejected, chosen+rejected conversations or texts (TRL, HH-RLHF)")
+
+
+# --------------------------------------------------------------------------------------------- one file
+READS = {_medicalgpt_legacy: {"question", "response_chosen", "response_rejected", "system", "history", "margin"},
+         _medicalgpt: {"conversations", "chosen", "rejected", "system", "tools", "margin"},
+         _llamafactory: {"conversations", "chosen", "rejected", "system", "margin"},
+         _trl: {"prompt", "chosen", "rejected", "margin"}}
+# Fields that hold a prompt in some layout or common convention (Alpaca's instruction/input, ...): a record whose
+# layout does not read one of them would lose its prompt, so it is refused rather than trained prompt-less.
+PROMPT_FIELDS = ("prompt", "instruction", "input", "question", "query", "context", "system", "history",
+                 "conversations")
+PROMPT_ENDS = ("user", "tool")  # the reply answers a user turn or a tool result
+
+
+class FileLayout:
+    """Reads one file's records. Its first record fixes the layout, and whether pairs have a prompt: a later
+    record of another layout, or without the prompt the others have (a misspelled field), is refused, as is a
+    record with a prompt field its layout does not read, or a prompt that does not end with a user turn. Other
+    fields no layout reads are counted, for one log line (`unread`)."""
+
+    def __init__(self) -> None:
+        self.name, self.parse, self.first = "", None, ""
+        self.has_prompt: bool | None = None
+        self.unread: Counter = Counter()
+
+    def pair(self, record: Any, where: str) -> Pair:
+        if self.parse is None:
+            self.name, self.parse = detect_layout(record, where)
+            self.first = where
+        elif not isinstance(record, dict):
+            raise DataError(where, f"expected a JSON object, got {type(record).__name__}")
+        else:
+            self._same_layout(record, where)
+        self._nothing_lost(record, where)
+        pair = self.parse(record, where)
+        self._check_prompt(pair, record, where)
+        self.unread.update(key for key in record if key not in READS[self.parse])
+        return pair
+
+    def _same_layout(self, record: dict, where: str) -> None:
+        try:
+            name, parse = detect_layout(record, where)
+        except DataError:
+            return  # it lacks a field: the parser names it
+        if parse is not self.parse:
+            raise DataError(where, f"fields {sorted(record)} are layout {name}, but this file's first record "
+                                   f"({self.first}) is layout {self.name}: one layout per file")
+
+    def _nothing_lost(self, record: dict, where: str) -> None:
+        for key in PROMPT_FIELDS:
+            if key not in READS[self.parse] and record.get(key) not in (None, "", [], {}):
+                raise DataError(where, f"field {key!r} is not read by layout {self.name} (it reads "
+                                       f"{sorted(READS[self.parse])}): its text would be lost; move it into the "
+                                       "layout's prompt field (README: Data layouts)")
+
+    def _check_prompt(self, pair: Pair, record: dict, where: str) -> None:
+        field_name = "prompt" if self.parse is _trl and record.get("prompt") else \
+            "chosen" if self.parse is _trl else "conversations"
+        if pair.prompt and pair.prompt[-1]["role"] not in PROMPT_ENDS:
+            raise DataError(where, f"field {field_name!r}: the prompt ends with a {pair.prompt[-1]['role']} "
+                                   "message; it must end with a user message (or a tool result) for the reply "
+                                   "to answer")
+        if self.has_prompt is None:
+            self.has_prompt = bool(pair.prompt)
+        elif bool(pair.prompt) != self.has_prompt:
+            raise DataError(where, f"no prompt, while this file's first record ({self.first}) has one: a missing "
+                                   f"or misspelled prompt field? (fields {sorted(record)})" if self.has_prompt else
+                            f"a prompt, while this file's first record ({self.first}) has none: one file holds "
+                            "either prompt-less pairs or pairs with a prompt")

@@ -160,7 +160,7 @@ def test_invalid_utf8_names_the_line(tmp_path):
 
 
 def test_empty_directory_and_missing_path(tmp_path):
-    with pytest.raises(DataError, match="no .jsonl/.json/.parquet files"):
+    with pytest.raises(DataError, match="no .jsonl/.json/.parquet/.ndjson/.jsonlines files"):
         read_pairs(str(tmp_path))
     with pytest.raises(DataError, match="no such file"):
         read_pairs(str(tmp_path / "nope.jsonl"))
@@ -245,3 +245,80 @@ def test_txt_files_are_read_one_text_per_line_for_scoring(tmp_path):
     f.write_text("first\n\nsecond\n")
     [(source, records)] = list(read_records(str(f)))
     assert [(w.rsplit(":", 1)[1], r) for w, r in records] == [("1", {"text": "first"}), ("3", {"text": "second"})]
+
+
+# ---- the class of inputs that lost part of a record silently, or crashed with a traceback
+PROMPTED = {"prompt": "Q0", "chosen": "good", "rejected": "bad"}
+MESSAGES = lambda *turns: [{"role": r, "content": c} for r, c in turns]  # noqa: E731
+
+
+@pytest.mark.parametrize("rows, message", [
+    # a later record of another layout: its prompt would be read by the first record's layout, i.e. dropped
+    ([PROMPTED, {"conversations": [{"from": "human", "value": "Q"}], "chosen": "a", "rejected": "b"}],
+     "are layout medicalgpt, but this file's first record"),
+    # a misspelled prompt field: the pair would train prompt-less
+    ([PROMPTED, {"promt": "Q1", "chosen": "good", "rejected": "bad"}], "no prompt, while this file's first record"),
+    ([{"chosen": "good", "rejected": "bad"}, PROMPTED], "a prompt, while this file's first record"),
+    # Alpaca-style or question-style prompts in a layout that does not read them
+    ([{"instruction": "Translate", "input": "hello", "chosen": "a", "rejected": "b"}] * 2,
+     "field 'instruction' is not read by layout trl"),
+    ([{"question": "Q", "chosen": "a", "rejected": "b"}] * 2, "field 'question' is not read by layout trl"),
+    ([{**PROMPTED, "system": "Be brief."}] * 2, "field 'system' is not read by layout trl"),
+    # an explicit prompt with chosen and rejected in different contexts
+    ([{"prompt": "Hi", "chosen": MESSAGES(("user", "A?"), ("assistant", "good")),
+       "rejected": MESSAGES(("user", "B?"), ("assistant", "bad"))}] * 2, "must share every message but the last"),
+    # LLaMA-Factory: a reply given as several turns
+    ([{**GOOD, "chosen": [{"from": "human", "value": "OTHER"}, {"from": "gpt", "value": "good"}],
+       "rejected": {"from": "gpt", "value": "bad"}}] * 2, "field 'chosen' must be one assistant message, got 2"),
+    # a prompt the reply cannot answer
+    ([{**GOOD, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}] * 2,
+     "field 'conversations': the prompt ends with a assistant message"),
+    ([{**GOOD, "conversations": [{"from": "system", "value": "S"}]}] * 2, "the prompt ends with a system message"),
+    # null or missing, named as such
+    ([{"chosen": None, "rejected": "b"}] * 2, "field 'chosen' must be a string or a non-empty list of messages, "
+                                              "got null"),
+])
+def test_records_that_would_lose_part_of_themselves_are_refused(tmp_path, rows, message):
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        read_file(f)
+    line = 2 if rows[0] != rows[-1] else 1
+    assert str(err.value).startswith(f"{f}:{line}: ") and message in str(err.value), err.value
+
+
+def test_a_text_cut_inside_a_character_is_refused(tmp_path):
+    """The JSON escape of half a UTF-16 pair (JavaScript's substring on an emoji writes it): valid JSON, not text."""
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD).replace('"a"', '"good \\ud800 x"') + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: field 'chosen' holds an unpaired UTF-16 surrogate"):
+        read_file(f)
+
+
+def test_fields_no_layout_reads_are_named_in_the_log(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{**PROMPTED, "id": i, "score_chosen": 8.0} for i in range(3)])
+    logged = []
+    assert len(read_pairs(str(f), log=logged.append)) == 3
+    assert logged[-1].endswith("layout trl; fields not read: id (3 records), score_chosen (3 records)"), logged
+
+
+def test_a_json_array_is_read_whole_whatever_the_suffix_and_one_json_object_is_explained(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps([PROMPTED, PROMPTED], indent=2))
+    assert len(read_file(f)[1]) == 2
+    f = tmp_path / "o.json"
+    f.write_text(json.dumps({"data": [PROMPTED]}, indent=2))
+    with pytest.raises(DataError, match=r"o.json:1: the file is one JSON object over several lines; .*its field "
+                                        r"'data' holds a list"):
+        read_file(f)
+
+
+def test_a_corrupt_parquet_file_is_named_and_other_files_of_a_directory_are_logged(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [PROMPTED])
+    write_jsonl(tmp_path / "b.ndjson", [PROMPTED])
+    (tmp_path / "extra.csv").write_text("prompt,chosen,rejected\n")
+    logged = []
+    assert len(read_pairs(str(tmp_path), log=logged.append)) == 2
+    assert f"{tmp_path}: skipped 1 files that are not" in logged[0] and "extra.csv" in logged[0], logged
+    (tmp_path / "c.parquet").write_text(json.dumps(PROMPTED) + "\n")  # JSON lines under a .parquet name
+    with pytest.raises(DataError, match=r"c.parquet: not a readable Parquet file \(ArrowInvalid"):
+        read_pairs(str(tmp_path), log=lambda m: None)
