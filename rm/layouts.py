@@ -315,9 +315,9 @@ class FileLayout:
         field_name = "prompt" if self.parse is _trl and record.get("prompt") else \
             "chosen" if self.parse is _trl else "conversations"
         if pair.prompt and pair.prompt[-1]["role"] not in PROMPT_ENDS:
-            raise DataError(where, f"field {field_name!r}: the prompt ends with a {pair.prompt[-1]['role']} "
-                                   "message; it must end with a user message (or a tool result) for the reply "
-                                   "to answer")
+            raise DataError(where, f"field {field_name!r}: the prompt's last message has role "
+                                   f"{pair.prompt[-1]['role']!r}; it must be a user message (or a tool result) for "
+                                   "the reply to answer")
         if self.has_prompt is None:
             self.has_prompt = bool(pair.prompt)
         elif bool(pair.prompt) != self.has_prompt:

@@ -272,8 +272,9 @@ MESSAGES = lambda *turns: [{"role": r, "content": c} for r, c in turns]  # noqa:
        "rejected": {"from": "gpt", "value": "bad"}}] * 2, "field 'chosen' must be one assistant message, got 2"),
     # a prompt the reply cannot answer
     ([{**GOOD, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}] * 2,
-     "field 'conversations': the prompt ends with a assistant message"),
-    ([{**GOOD, "conversations": [{"from": "system", "value": "S"}]}] * 2, "the prompt ends with a system message"),
+     "field 'conversations': the prompt's last message has role 'assistant'"),
+    ([{**GOOD, "conversations": [{"from": "system", "value": "S"}]}] * 2,
+     "the prompt's last message has role 'system'"),
     # null or missing, named as such
     ([{"chosen": None, "rejected": "b"}] * 2, "field 'chosen' must be a string or a non-empty list of messages, "
                                               "got null"),
