@@ -265,12 +265,26 @@ def _read_settings(path: str) -> Any:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"--config {path}: cannot read it ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {err.start})") from None
     try:
-        return json.loads(text) if path.endswith(".json") else yaml.load(text, Loader=_SettingsLoader)
+        if path.endswith(".json"):
+            return json.loads(text, object_pairs_hook=lambda pairs: _json_object(pairs, path))
+        return yaml.load(text, Loader=_SettingsLoader)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid json: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid yaml: {_one_line(err)}") from None
+
+
+def _json_object(pairs: list[tuple[str, Any]], path: str) -> dict[str, Any]:
+    """A json object that refuses a key given twice (json.loads silently keeps the last one)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"{path}: not valid json: duplicate key {key!r}")
+        seen[key] = value
+    return seen
 
 
 def _yaml_number(name: str, value: Any) -> Any:

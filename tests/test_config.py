@@ -80,6 +80,18 @@ def test_bad_config_file_names_the_file_and_setting(tmp_path, text, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("c.json", b'{"max_steps": 5, "max_steps": 2}', "not valid json: duplicate key 'max_steps'"),
+    ("c.yaml", "max_steps: 5\nsystem: caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 24)"),
+])
+def test_a_json_duplicate_key_and_a_file_that_is_not_utf8_are_one_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--config", str(path)])
+    assert str(path) in str(err.value) and message in str(err.value) and "\n" not in str(err.value), err.value
+
+
 def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     """PyYAML (YAML 1.1) reads 1e-5 as the string '1e-5': a float setting takes it as its number, an int setting
     takes an exact integer."""
