@@ -53,6 +53,18 @@ def _describe(holder: dict[str, Any]) -> str:
             f"({holder.get('command', '?')})")
 
 
+def _read_holder(lock: str) -> dict[str, Any]:
+    """What a lock file holds; {} when it cannot be read as one (FileNotFoundError passes: released)."""
+    try:
+        with open(lock, encoding="utf-8") as f:
+            holder = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
 def _take_lock(lock: str) -> dict[str, Any]:
     """Creates the lock file atomically (a complete temporary file hard-linked into place: never seen half
     written) and returns what it holds; takes over a stale one; raises ConfigError when a live run holds it."""
@@ -73,13 +85,10 @@ def _take_lock(lock: str) -> dict[str, Any]:
             os.unlink(temporary)
         try:
             identity = os.stat(lock).st_ino
-            with open(lock, encoding="utf-8") as f:
-                holder = json.load(f)
+            holder = _read_holder(lock)
         except FileNotFoundError:
             continue  # released meanwhile
-        except (OSError, ValueError):
-            holder = {}
-        if not isinstance(holder, dict) or not holder:
+        if not holder:
             raise ConfigError(f"output_dir {folder!r} has an unreadable lock {lock}: if no run writes there, "
                               "delete it")
         running = _holder_is_running(holder)
@@ -91,8 +100,8 @@ def _take_lock(lock: str) -> dict[str, Any]:
                               "to finish or choose another output_dir")
         warn(f"output_dir {folder!r} was locked by a run that is no longer running ({_describe(holder)}); "
               f"taking over its lock {lock}")
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(lock).st_ino == identity:
+        with contextlib.suppress(FileNotFoundError):  # only the lock judged stale: another run taking it over
+            if os.stat(lock).st_ino == identity and _read_holder(lock) == holder:  # may have reused its inode
                 os.unlink(lock)
     raise ConfigError(f"output_dir {folder!r}: could not take the lock {lock} (other runs keep starting there)")
 

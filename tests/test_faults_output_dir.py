@@ -157,3 +157,30 @@ def test_another_rank_checking_while_rank_0_takes_the_lock_sees_an_empty_output_
     with hold_output_dir(cfg):
         assert sorted(os.listdir(out)) == [RUN_LOCK]
     assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0] != RUN_LOCK  # the draft was there, alone
+
+
+def test_a_stale_lock_taken_over_meanwhile_by_another_run_is_not_removed(tmp_path, monkeypatch, sleeper):
+    """Two runs take over the same stale lock at once: the first removes it and writes its own, which may get the
+    freed inode number back. The second must not remove that live lock on the strength of the inode alone; here
+    the live lock is written in place (same inode) between the second run's look and its removal."""
+    import rm.run_lock
+    from rm.config import ConfigError, parse_config
+    from rm.run_lock import hold_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / RUN_LOCK
+    lock.write_text(json.dumps(holder(dead_pid(), process_start=None)))
+    warn = rm.run_lock.warn
+
+    def another_run_takes_it_over(message):
+        warn(message)
+        with open(lock, "r+", encoding="utf-8") as f:  # in place: the inode the stale lock had
+            f.truncate(0)
+            json.dump(holder(sleeper.pid), f)
+
+    monkeypatch.setattr(rm.run_lock, "warn", another_run_takes_it_over)
+    with pytest.raises(ConfigError, match=f"is in use by another run: pid {sleeper.pid}"):
+        with hold_output_dir(parse_config(["--output_dir", str(out), *map(str, RUN)])):
+            pass
+    assert json.loads(lock.read_text())["pid"] == sleeper.pid
