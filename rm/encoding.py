@@ -34,9 +34,9 @@ import torch
 from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
-from rm.config import TrainConfig
+from rm.config import ConfigError, TrainConfig
 from rm.data import read_pairs
-from rm.layouts import Pair
+from rm.layouts import DataError, Pair
 
 ENCODING_VERSION = 2  # bump when the rules above change, so cached token ids are not reused
 REWARD_POSITIONS = get_args(get_type_hints(TrainConfig)["reward_position"])  # the setting's one list
@@ -67,7 +67,11 @@ class PairEncoder:
         self.reward_position = reward_position
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self._probe: tuple[str, str, str] | None = None  # a rendered user turn + reply: the end-of-turn text
-        self._probe = self._render_template(_PROBE_PROMPT, _PROBE_RESPONSE, None) if self.has_template else None
+        try:
+            self._probe = self._render_template(_PROBE_PROMPT, _PROBE_RESPONSE, None) if self.has_template else None
+        except TemplateError as err:  # a broken template, or one that reaches for Python internals (sandboxed)
+            raise ConfigError(f"the tokenizer's chat template cannot render a user turn and a reply "
+                              f"({type(err).__name__}: {err})") from None
 
     @property
     def end_of_turn(self) -> str:
@@ -141,8 +145,12 @@ class PairEncoder:
     def encode(self, pair: Pair) -> tuple[dict[str, Any] | None, Counter]:
         """Token ids of one pair, or None when it is dropped; the counter says what was cut or dropped."""
         stats: Counter = Counter()
-        prompt_text, chosen_text, end_text = self.render(pair.prompt, pair.chosen, pair.tools)
-        _, rejected_text, rejected_end = self.render(pair.prompt, pair.rejected, pair.tools)
+        try:
+            prompt_text, chosen_text, end_text = self.render(pair.prompt, pair.chosen, pair.tools)
+            _, rejected_text, rejected_end = self.render(pair.prompt, pair.rejected, pair.tools)
+        except TemplateError as err:  # e.g. "conversation roles must alternate user/assistant"
+            raise DataError(pair.source, f"the tokenizer's chat template refuses this conversation "
+                                         f"({type(err).__name__}: {err})") from None
         prompt_ids = self._prompt_ids(prompt_text, stats)
         sides = [prompt_ids + self._response_ids(text, end, stats)
                  for text, end in ((chosen_text, end_text), (rejected_text, rejected_end))]

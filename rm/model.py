@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -63,6 +64,12 @@ def check_model_sources(model: str, tokenizer: str | None) -> None:
             raise ConfigError(f"{option} {location}: no such folder")
 
 
+# What loading a model folder raises when it cannot be used: missing files or a hub name offline (OSError), code
+# the folder asks to run (ValueError: trust_remote_code is always False here, so transformers refuses rather than
+# asking on stdin), a pickled weights file that is more than tensors (UnpicklingError: weights_only loading).
+LOAD_ERRORS = (OSError, ValueError, pickle.UnpicklingError)
+
+
 def cannot_load(what: str, err: Exception) -> ConfigError:
     """transformers' loading error (missing weights, a hub name that cannot be had offline, no usable tokenizer
     files) as one line that says which setting pointed there."""
@@ -74,7 +81,7 @@ def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> Any:
     """The tokenizer, right padding, with a pad token that is not the end-of-turn token when one can be had."""
     source = TINY_TOKENIZER if name_or_path == TINY else name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise cannot_load(f"the tokenizer at {name_or_path} (--tokenizer_name_or_path, else --model_name_or_path)",
                           err) from None
@@ -114,8 +121,9 @@ def load_backbone(name_or_path: str, tokenizer: Any, dtype: torch.dtype, cache_d
     else:
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, num_labels=1, dtype=dtype, cache_dir=cache_dir, output_loading_info=True)
-        except OSError as err:
+                name_or_path, num_labels=1, dtype=dtype, cache_dir=cache_dir, output_loading_info=True,
+                trust_remote_code=False)
+        except LOAD_ERRORS as err:
             raise cannot_load(f"--model_name_or_path {name_or_path}", err) from None
         if any(key.startswith("score.") for key in info["missing_keys"]):
             init_score_head(model)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from rm.config import TrainConfig
 from rm.encoding import PairEncoder, pad_rows
-from rm.model import RewardModel, load_tokenizer
+from rm.model import LOAD_ERRORS, RewardModel, cannot_load, load_tokenizer
 from rm.outputs import ADAPTER_DIR, MODEL_DIR, TRAINING_CONFIG
 
 NORMALIZATION_KEYS = ("mean", "std")  # the names OpenRLHF reads from config.json
@@ -49,16 +49,26 @@ def load_reward_model(folder: Path, is_adapter: bool, base_model: str | None, dt
                       tokenizer: Any) -> RewardModel:
     from transformers import AutoModelForSequenceClassification
 
+    def load(source: Path | str, what: str) -> Any:
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype,
+                                                                      trust_remote_code=False)
+        except LOAD_ERRORS as err:
+            raise cannot_load(what, err) from None
+
     if not is_adapter:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=dtype)
+        model = load(folder, f"the model at {folder}")
     else:
         from peft import PeftModel
 
         base = base_model or json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise ScoreError(f"{folder}/adapter_config.json names no base model: pass --base_model PATH")
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
-        model = PeftModel.from_pretrained(model, folder)
+        model = load(base, f"the adapter's base model {base}")
+        try:
+            model = PeftModel.from_pretrained(model, folder)
+        except (*LOAD_ERRORS, KeyError) as err:  # KeyError: an adapter_config.json of no known peft_type
+            raise cannot_load(f"the adapter at {folder}", err) from None
     model.config.pad_token_id = tokenizer.pad_token_id
     return RewardModel(model).eval()
 
