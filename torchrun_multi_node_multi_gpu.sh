@@ -12,7 +12,9 @@
 # (several nodes; the topology flags below give the real counts) and adds no setting of its own: DeepSpeed settings
 # live in the yaml, hyperparameter defaults in rm/config.py. MODEL_PATH, TOKENIZER_PATH, TRAIN_FILE_DIR,
 # VALID_FILE_DIR, OUTPUT_DIR and CACHE_DIR, when set, become the matching train.py flags; extra arguments are passed
-# to train.py as they are. RM_DRY_RUN=1 prints the command instead of running it.
+# to train.py as they are. It runs from the caller's directory (the yaml and train.py are found next to this
+# script), so relative paths resolve there, as for `python train.py`. Misuse is one line and exit 1 before anything
+# starts. RM_DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 
 ZERO_STAGE=${1:-3}
@@ -23,40 +25,38 @@ MASTER_PORT=${5:-29500}
 shift $(( $# < 5 ? $# : 5 ))
 NODE_RANK=${NODE_RANK:-0}
 
-cd "$(dirname "$0")"
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)  # where the yamls, rm/ and train.py are; no cd: see above
 
-if [[ ! "$ZERO_STAGE" =~ ^[123]$ ]]; then
-    echo "error: zero_stage must be 1, 2 or 3, got '$ZERO_STAGE'" >&2
-    echo "usage: bash $0 [zero_stage 1|2|3] [num_nodes] [gpus_per_node] [master_addr] [master_port] [train.py args...]" >&2
-    exit 1
-fi
-for value in "$NUM_NODES" "$GPUS_PER_NODE" "$MASTER_PORT"; do
-    if [[ ! "$value" =~ ^[1-9][0-9]*$ ]]; then
-        echo "error: num_nodes, gpus_per_node and master_port must be positive integers, got '$value'" >&2
-        exit 1
-    fi
-done
-if [[ ! "$NODE_RANK" =~ ^[0-9]+$ ]] || (( NODE_RANK >= NUM_NODES )); then
-    echo "error: NODE_RANK=$NODE_RANK is outside 0..$((NUM_NODES - 1)) for $NUM_NODES node(s)" >&2
-    exit 1
-fi
+fail() { echo "error: $*" >&2; exit 1; }
+[[ "$ZERO_STAGE" =~ ^[123]$ ]] || fail "zero_stage must be 1, 2 or 3, got '$ZERO_STAGE' (usage: bash $0" \
+    "[zero_stage 1|2|3] [num_nodes] [gpus_per_node] [master_addr] [master_port] [train.py args...])"
+# whole numbers of at most 9 digits (nodes x GPUs stays within bash's integers), read in base 10 (08 is 8)
+is_count() { [[ "$2" =~ ^[0-9]{1,9}$ ]] && (( 10#$2 >= $1 )); }
+is_count 1 "$NUM_NODES" || fail "num_nodes must be a positive integer (at most 9 digits), got '$NUM_NODES'"
+is_count 1 "$GPUS_PER_NODE" ||
+    fail "gpus_per_node must be a positive integer (at most 9 digits), got '$GPUS_PER_NODE'"
+is_count 1 "$MASTER_PORT" && (( 10#$MASTER_PORT <= 65535 )) ||
+    fail "master_port must be a port 1..65535, got '$MASTER_PORT'"
+NUM_NODES=$((10#$NUM_NODES)) GPUS_PER_NODE=$((10#$GPUS_PER_NODE)) MASTER_PORT=$((10#$MASTER_PORT))
+is_count 0 "$NODE_RANK" && (( 10#$NODE_RANK < NUM_NODES )) ||
+    fail "NODE_RANK must be a node rank 0..$((NUM_NODES - 1)) for $NUM_NODES node(s), got '$NODE_RANK'"
+NODE_RANK=$((10#$NODE_RANK))
 
 TOPOLOGY=$([ "$NUM_NODES" -eq 1 ] && echo 1node || echo 2node)
-CONFIG_FILE=accelerate_configs/zero${ZERO_STAGE}_${TOPOLOGY}.yaml
-if [ ! -f "$CONFIG_FILE" ]; then
-    echo "error: accelerate config $CONFIG_FILE not found (needed for ZeRO-$ZERO_STAGE on $NUM_NODES node(s))" >&2
-    exit 1
-fi
+CONFIG_FILE=$REPO/accelerate_configs/zero${ZERO_STAGE}_${TOPOLOGY}.yaml
+[ -f "$CONFIG_FILE" ] ||
+    fail "accelerate config $CONFIG_FILE not found (needed for ZeRO-$ZERO_STAGE on $NUM_NODES node(s))"
 WORLD_SIZE=$((NUM_NODES * GPUS_PER_NODE))
 
 # The yaml is read by accelerate before train.py runs: check it against this topology first (and, on a worker
-# node, that the master answers) so a mistake costs seconds, not a hung or silently wrong launch.
+# node, that the master answers) so a mistake costs seconds, not a hung or silently wrong launch. rm.validate
+# prints its own one-line errors.
 CHECK=(python -m rm.validate --accelerate_config "$CONFIG_FILE" --num_machines "$NUM_NODES"
        --num_processes "$WORLD_SIZE" --gpus_per_node "$GPUS_PER_NODE")
 if (( NODE_RANK > 0 )); then
     CHECK+=(--machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT")
 fi
-"${CHECK[@]}" || exit 1
+(cd "$REPO" && "${CHECK[@]}") || exit 1
 
 TRAIN_ARGS=()
 add_flag() { [ -n "${2:-}" ] && TRAIN_ARGS+=("--$1" "$2") || true; }
@@ -67,6 +67,25 @@ add_flag validation_file_dir "${VALID_FILE_DIR:-}"
 add_flag output_dir "${OUTPUT_DIR:-}"
 add_flag cache_dir "${CACHE_DIR:-}"
 
+# What train.py will use for a setting, for the banner: the last --NAME among its arguments (the environment's come
+# first, so an explicit argument wins, as in train.py's parser), else a --config file may set it, else rm/config.py's
+# default. Nothing is checked here: train.py does that.
+ALL_ARGS=("${TRAIN_ARGS[@]}" "$@")
+shown() {
+    local name=$1 dashed=${1//_/-} found=0 value="" config="" i
+    for ((i = 0; i < ${#ALL_ARGS[@]}; i++)); do
+        case "${ALL_ARGS[i]}" in
+            "--$name"|"--$dashed") found=1; value=${ALL_ARGS[i + 1]-}; i=$((i + 1)) ;;
+            "--$name="*|"--$dashed="*) found=1; value=${ALL_ARGS[i]#*=} ;;
+            --config) config=${ALL_ARGS[i + 1]-}; i=$((i + 1)) ;;
+            --config=*) config=${ALL_ARGS[i]#*=} ;;
+        esac
+    done
+    if (( found )); then echo "$value"
+    elif [ -n "$config" ]; then echo "(--config $config's $name if it sets one, else rm/config.py default)"
+    else echo "(rm/config.py default)"; fi
+}
+
 cat <<INFO
 ==================== reward-model training ====================
 ZeRO stage:      $ZERO_STAGE
@@ -76,8 +95,9 @@ world size:      $WORLD_SIZE
 node rank:       $NODE_RANK
 master:          $MASTER_ADDR:$MASTER_PORT
 config:          $CONFIG_FILE
-model:           ${MODEL_PATH:-(rm/config.py default)}
-output dir:      ${OUTPUT_DIR:-(rm/config.py default)}
+model:           $(shown model_name_or_path)
+output dir:      $(shown output_dir)
+working dir:     $PWD (relative paths resolve here)
 ===============================================================
 INFO
 
@@ -85,7 +105,7 @@ COMMAND=(accelerate launch --config_file "$CONFIG_FILE"
     --num_machines "$NUM_NODES" --machine_rank "$NODE_RANK"
     --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"
     --num_processes "$WORLD_SIZE"
-    train.py "${TRAIN_ARGS[@]}" "$@")
+    "$REPO/train.py" "${TRAIN_ARGS[@]}" "$@")
 if [ "${RM_DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${COMMAND[@]}"; echo
     exit 0
