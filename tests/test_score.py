@@ -142,6 +142,113 @@ def test_empty_reply_is_scored_and_the_default_output_goes_to_the_output_dir(ful
     assert score_main(["--model", str(out / "model"), "--data", str(data), "--overwrite", "yes"]) == 0
 
 
+
+@pytest.fixture
+def refused(monkeypatch, capsys):
+    """score_main's answer to a bad command: exit 2 with one `error: ...` line, the model never loaded."""
+    from rm.cli import score as cli
+
+    def load(*args, **kwargs):
+        raise AssertionError("a refused command loaded the model")
+
+    monkeypatch.setattr(cli.Scorer, "load", load)
+
+    def run(*args):
+        capsys.readouterr()
+        assert score_main(list(map(str, args))) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        return err.strip()
+    return run
+
+
+@pytest.mark.parametrize("flag, value", [("--batch_size", -3), ("--batch_size", 0), ("--max_source_length", 0),
+                                         ("--max_target_length", -5)])
+def test_numbers_below_one_are_refused(full_run, tmp_path, refused, flag, value):
+    """A negative batch size scored nothing and wrote 0.0 for every reward; 0 was a traceback; a 0 length fell
+    back to the training run's silently."""
+    out, _, _ = full_run
+    output = tmp_path / "s.jsonl"
+    line = refused("--model", out, "--data", EVAL, "--output", output, flag, value)
+    assert line.startswith(f"error: {flag} is {value}; expected a positive integer") and not output.exists()
+
+
+@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("empty.txt", ""), ("blank.txt", "\n  \n")])
+def test_a_data_file_without_records_is_refused_naming_it(full_run, tmp_path, refused, name, content):
+    """It was read as zero texts: exit 0, 'reward mean nan' and an empty output file."""
+    out, _, _ = full_run
+    data, output = tmp_path / name, tmp_path / "s.jsonl"
+    data.write_text(content)
+    assert refused("--model", out, "--data", data, "--output", output) == f"error: {data}: holds no records"
+    assert not output.exists()
+
+
+def test_a_directory_as_output_is_refused(full_run, tmp_path, refused):
+    out, _, _ = full_run
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    for overwrite in ("false", "true"):  # with true it was an IsADirectoryError after scoring
+        line = refused("--model", out, "--data", EVAL, "--output", folder, "--overwrite", overwrite)
+        assert line.startswith(f"error: {folder} is a directory")
+    (tmp_path / "file").write_text("")
+    assert refused("--model", out, "--data", EVAL, "--output", tmp_path / "file" / "s.jsonl").endswith("is a file, "
+                                                                                                         "not a folder")
+
+
+def test_an_existing_summary_is_kept_without_overwrite(full_run, tmp_path, refused):
+    """The summary beside the output was replaced silently when only the output was new."""
+    out, _, _ = full_run
+    output, summary = tmp_path / "s.jsonl", tmp_path / "s.summary.json"
+    summary.write_text("keep me\n")
+    assert refused("--model", out, "--data", EVAL, "--output", output) == \
+        f"error: {summary} exists: pass --overwrite true to replace it"
+    assert summary.read_text() == "keep me\n" and not output.exists()
+
+
+def test_a_device_this_machine_lacks_is_refused(full_run, tmp_path, refused, monkeypatch):
+    import torch
+
+    out, _, _ = full_run
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    args = ["--model", out, "--data", EVAL, "--output", tmp_path / "s.jsonl", "--device"]
+    assert refused(*args, "cuda").startswith("error: --device cuda: not on this machine; available here: auto, cpu")
+    assert refused(*args, "banana").startswith("error: --device banana: not a device; available here: auto, cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert "available here: auto, cpu, cuda, cuda:0, cuda:1" in refused(*args, "cuda:2")
+
+
+def test_base_model_problems_are_one_line(lora_run, full_run, tmp_path, refused):
+    """A missing base folder and a hub name that cannot be had offline were 40-55 line tracebacks; --base_model
+    with a merged model was ignored silently."""
+    out, _, _ = lora_run
+    args = ["--data", EVAL, "--output", tmp_path / "s.jsonl"]
+    missing = tmp_path / "no_base"
+    assert refused("--model", out, "--adapter", "--base_model", missing, *args) == \
+        f"error: --base_model {missing}: no such folder"
+    assert refused("--model", out, "--adapter", "--base_model", "owner/no-such-model", *args).startswith(
+        "error: --base_model owner/no-such-model: cannot be loaded: ")
+    adapter = tmp_path / "adapter"  # the base named in adapter_config.json is gone
+    shutil.copytree(out / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(missing)}))
+    assert refused("--model", adapter, *args) == \
+        f"error: {adapter}/adapter_config.json: base model {missing}: no such folder"
+    merged, _, _ = full_run
+    assert refused("--model", merged, "--base_model", config["base_model_name_or_path"], *args).startswith(
+        f"error: --base_model is for a LoRA adapter, and {merged}/model is a merged model")
+
+
+def test_base_model_overrides_the_adapter_config(lora_run, tmp_path):
+    """--base_model is meaningful for an adapter folder given directly (no --adapter needed there)."""
+    out, final, _ = lora_run
+    base = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    adapter = tmp_path / "adapter"
+    shutil.copytree(out / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "gone/away"}))
+    _, summary = score(tmp_path, "--model", adapter, "--base_model", base, "--data", EVAL)
+    assert_matches_trainer_eval(summary, final)
+
 # --------------------------------------------------------------------------------------------- RLHF clients
 def scored_eval_pairs(out, tmp_path, count=12):
     """The first eval pairs and rm.score's rewards for them (which equal the trainer's, tested above)."""
