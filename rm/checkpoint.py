@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 
 from rm.config import RECIPES, ConfigError, TrainConfig
-from rm.data import data_files, is_hub_name
+from rm.data import data_files, is_hub_name, train_location
 from rm.guards import TrainingStopped, resume_command
 from rm.outputs import CHECKPOINT_PREFIX as PREFIX
 from rm.outputs import (COMPLETE_MARKER, DATA_ORDER, SCHEDULER_STATE, STAGING_PREFIX, TRAIN_DATA, write_json,
@@ -184,10 +184,10 @@ def train_data_fingerprint(location: str) -> dict[str, Any]:
     """Size and sha256 of every data file the reader takes from `location` (a hub dataset: its name only)."""
     if is_hub_name(location):
         return {"location": location, "files": None}
-    base = Path(location)
+    base = Path(train_location(location))  # the embedded sample, from any directory
     name = (lambda p: p.name) if base.is_file() else (lambda p: p.relative_to(base).as_posix())  # noqa: E731
     return {"location": location, "files": {name(p): {"size": p.stat().st_size, "sha256": sha256_of(str(p))}
-                                            for p in data_files(location)}}
+                                            for p in data_files(str(base))}}
 
 
 def _data_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -207,6 +207,13 @@ def read_pairs(location: str, split: str = "train", cache_dir: str | None = None
     return pairs
 
 
+def train_location(train_file_dir: str) -> str:
+    """Where the train data is read from: the default (the embedded sample) is found from any directory."""
+    if train_file_dir == EMBEDDED_TRAIN and not Path(EMBEDDED_TRAIN).exists():
+        return str(EMBEDDED_SAMPLE / "train.jsonl")
+    return train_file_dir
+
+
 def _capped(pairs: list[Pair], cap: int, what: str, setting: str, log: Log) -> list[Pair]:
     if 0 <= cap < len(pairs):
         log(f"{what}: using {cap} of {len(pairs)} pairs ({setting}={cap}; -1 uses all)")
@@ -237,8 +244,7 @@ def load_training_data(cfg: TrainConfig, log: Log) -> tuple[list[Pair], list[Pai
     def read(location: str, split: str) -> list[Pair]:
         return read_pairs(location, split, cfg.cache_dir, cfg.skip_bad_records, log=log)
 
-    embedded = cfg.train_file_dir == EMBEDDED_TRAIN and not Path(EMBEDDED_TRAIN).exists()
-    train = read(str(EMBEDDED_SAMPLE / "train.jsonl") if embedded else cfg.train_file_dir, "train")
+    train = read(train_location(cfg.train_file_dir), "train")
     evaluation = None
     if cfg.max_eval_samples == 0 or (cfg.validation_file_dir or "").lower() == NO_EVALUATION:
         log("evaluation: off (" + ("max_eval_samples=0)" if cfg.max_eval_samples == 0 else

@@ -47,6 +47,21 @@ def test_lora_with_checkpointing_exports_adapter_and_merged_model(tmp_path):
     assert_export_matches_trainer(out, metrics["final"])
 
 
+def test_the_default_data_is_found_from_any_directory(tmp_path):
+    """Started from another directory (the launcher no longer changes into the repository), the default train data
+    is the embedded sample: read, fingerprinted for resume and evaluated on its eval file."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model_name_or_path", "tiny", "--use_peft",
+                           "false", "--max_steps", "1", "--save_steps", "1", "--report_to", "none",
+                           "--output_dir", "out", "--max_train_samples", "16", "--max_eval_samples", "4"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_data = json.loads((tmp_path / "out/checkpoint-1/train_data.json").read_text())
+    assert list(train_data["files"]) == ["train.jsonl"] and (tmp_path / "out/model").is_dir()
+
+
 def test_existing_output_dir_is_refused(tmp_path):
     import subprocess
     import sys
