@@ -45,6 +45,17 @@ def resolve_model_dir(path: str, adapter: bool) -> tuple[Path, bool]:
                      "(config.json) nor an adapter folder (adapter_config.json)")
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A json object from a model, adapter or run folder, or ScoreError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ScoreError(f"{path}: not readable as JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ScoreError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_reward_model(folder: Path, is_adapter: bool, base_model: str | None, dtype: torch.dtype,
                       tokenizer: Any) -> RewardModel:
     from transformers import AutoModelForSequenceClassification
@@ -61,7 +72,7 @@ def load_reward_model(folder: Path, is_adapter: bool, base_model: str | None, dt
     else:
         from peft import PeftModel
 
-        base = base_model or json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = base_model or read_json(folder / "adapter_config.json").get("base_model_name_or_path")
         if not base:
             raise ScoreError(f"{folder}/adapter_config.json names no base model: pass --base_model PATH")
         model = load(base, f"the adapter's base model {base}")
@@ -76,7 +87,7 @@ def load_reward_model(folder: Path, is_adapter: bool, base_model: str | None, dt
 def exported_config(folder: Path, is_adapter: bool) -> tuple[Path, dict[str, Any]]:
     """The merged model's config.json (path, contents), where train.py records reward statistics and position."""
     config_path = (folder.parent / MODEL_DIR if is_adapter else folder) / "config.json"
-    return config_path, json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return config_path, read_json(config_path) if config_path.is_file() else {}
 
 
 def normalization_stats(folder: Path, is_adapter: bool) -> tuple[float, float]:
@@ -96,7 +107,7 @@ def training_lengths(folder: Path) -> tuple[int, int]:
     defaults = TrainConfig()
     for candidate in (folder.parent / TRAINING_CONFIG, folder / TRAINING_CONFIG):
         if candidate.is_file():
-            cfg = json.loads(candidate.read_text())
+            cfg = read_json(candidate)
             return (cfg.get("max_source_length", defaults.max_source_length),
                     cfg.get("max_target_length", defaults.max_target_length))
     return defaults.max_source_length, defaults.max_target_length

@@ -128,6 +128,19 @@ def test_errors_name_the_problem(full_run, tmp_path, capsys):
     assert score_main(["--model", str(tmp_path / "nothing"), "--data", str(EVAL)]) == 2
 
 
+@pytest.mark.parametrize("damage", ["not json", "[1, 2]"])
+def test_a_damaged_adapter_config_or_run_config_is_one_line(lora_run, tmp_path, capsys, damage):
+    out, _, _ = lora_run
+    for name in ("adapter/adapter_config.json", "training_config.json"):
+        copy = tmp_path / name.replace("/", "_")
+        shutil.copytree(out, copy)
+        (copy / name).write_text(damage)
+        args = ["--model", str(copy), "--data", str(EVAL), "--output", str(tmp_path / f"{copy.name}.jsonl")]
+        assert score_main(args + (["--adapter"] if name.startswith("adapter") else [])) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(f"error: {copy / name}: ") and "Traceback" not in err, err
+
+
 def test_empty_reply_is_scored_and_the_default_output_goes_to_the_output_dir(full_run, tmp_path, monkeypatch):
     out, _, _ = full_run
     data = tmp_path / "empty.jsonl"

@@ -36,7 +36,7 @@ from rm.loss import reward_metrics
 from rm.model import LOAD_ERRORS, cannot_load, check_model_sources
 from rm.outputs import ADAPTER_DIR, MODEL_DIR, SCORES_DIR
 from rm.runtime import progress_bars_only_on_a_terminal
-from rm.scoring import ScoreError, Scorer, resolve_model_dir
+from rm.scoring import ScoreError, Scorer, read_json, resolve_model_dir
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -122,7 +122,7 @@ def check_base_model(folder: Path, is_adapter: bool, base_model: str | None) -> 
                              "score a training output directory's adapter/ on that base)")
         return
     adapter_config = folder / "adapter_config.json"
-    base = base_model or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    base = base_model or read_json(adapter_config).get("base_model_name_or_path")
     if not base:
         raise ScoreError(f"{adapter_config} names no base model: pass --base_model PATH")
     setting = f"--base_model {base}" if base_model else f"{adapter_config}: base model {base}"
