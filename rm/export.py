@@ -5,8 +5,9 @@ a fresh CPU copy of the model, so the export never touches the distributed model
   output_dir/model/    merged model + tokenizer: AutoModelForSequenceClassification.from_pretrained loads it
   output_dir/adapter/  the LoRA adapter with the trained score head (LoRA runs only)
 Both are left readable by others (files 0644, folders 0755) whatever the umask: safetensors writes 0600 files, and
-the people and jobs that load a reward model are often not the user who trained it. A full disk: the partial
-export is removed and the run stops with a plain message (DiskFullError, exit 5).
+the people and jobs that load a reward model are often not the user who trained it. Each folder is written whole
+or not at all (a staging folder renamed into place): a run killed mid-export leaves no folder that looks loadable.
+A full disk: the partial export is removed and the run stops with a plain message (DiskFullError, exit 5).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 from accelerate import Accelerator
 from torch import nn
@@ -23,7 +24,7 @@ from transformers.initialization import no_init_weights
 
 from rm.checkpoint import is_out_of_space, out_of_space_error
 from rm.model import RewardModel, no_zero3_init
-from rm.outputs import ADAPTER_DIR, DIR_MODE, FILE_MODE, MODEL_DIR
+from rm.outputs import ADAPTER_DIR, DIR_MODE, FILE_MODE, MODEL_DIR, STAGING_PREFIX
 
 
 def export_reward_model(accelerator: Accelerator, model: nn.Module, tokenizer: Any, output_dir: str,
@@ -57,21 +58,37 @@ def export_reward_model(accelerator: Accelerator, model: nn.Module, tokenizer: A
             if not is_out_of_space(err, output_dir):
                 raise
             for folder in (ADAPTER_DIR, MODEL_DIR):  # a half-written model must not look loadable
-                shutil.rmtree(os.path.join(output_dir, folder), ignore_errors=True)
+                for path in (folder, STAGING_PREFIX + folder):
+                    shutil.rmtree(os.path.join(output_dir, path), ignore_errors=True)
             raise out_of_space_error(f"exporting the model to {merged_dir}", output_dir) from err
     accelerator.wait_for_everyone()
     return merged_dir
 
 
 def _write(host_model: nn.Module, tokenizer: Any, output_dir: str, lora: bool) -> None:
+    def save(model: nn.Module) -> Callable[[str], None]:
+        return lambda folder: (model.save_pretrained(folder), tokenizer.save_pretrained(folder))
+
     if lora:
-        host_model.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
-        tokenizer.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
-        make_readable(os.path.join(output_dir, ADAPTER_DIR))
+        publish_folder(output_dir, ADAPTER_DIR, save(host_model))
         host_model = host_model.merge_and_unload()
-    host_model.save_pretrained(os.path.join(output_dir, MODEL_DIR))
-    tokenizer.save_pretrained(os.path.join(output_dir, MODEL_DIR))
-    make_readable(os.path.join(output_dir, MODEL_DIR))
+    publish_folder(output_dir, MODEL_DIR, save(host_model))
+
+
+def publish_folder(output_dir: str, name: str, write: Callable[[str], None]) -> None:
+    """output_dir/name written whole or not at all: `write` fills a staging folder, which is made readable and
+    renamed into place (an earlier export there is replaced only then). A kill mid-write leaves only the staging
+    folder, which the next save or --overwrite_output_dir removes."""
+    final, staging = os.path.join(output_dir, name), os.path.join(output_dir, STAGING_PREFIX + name)
+    previous = os.path.join(output_dir, f"{STAGING_PREFIX}{name}.previous")
+    for leftover in (staging, previous):
+        shutil.rmtree(leftover, ignore_errors=True)
+    write(staging)
+    make_readable(staging)
+    if os.path.exists(final):
+        os.rename(final, previous)
+    os.rename(staging, final)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def make_readable(folder: str) -> None:

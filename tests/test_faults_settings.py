@@ -141,3 +141,33 @@ def test_sigterm_during_the_final_evaluation_still_exports_the_model(tmp_path):
     assert proc.returncode == 0, log[-3000:]
     assert (out / "model" / "config.json").is_file(), log[-3000:]
     assert "SIGTERM arrived after the last step; the model was exported first" in log
+
+
+def test_an_export_killed_midway_leaves_no_folder_that_looks_loadable(tmp_path):
+    """A kill (or a second signal) between the weights and the tokenizer left model/ with config and weights but no
+    tokenizer, which looks loadable. The folder is now published by one rename, and an earlier export stays whole
+    until the new one is complete."""
+    import os
+
+    from rm.export import publish_folder
+
+    def written(content):
+        def write(folder):
+            os.makedirs(folder)
+            (Path(folder) / "config.json").write_text(content)
+        return write
+
+    def killed(folder):
+        written("half")(folder)
+        raise KeyboardInterrupt  # the weights are on disk, the tokenizer is not
+
+    with pytest.raises(KeyboardInterrupt):
+        publish_folder(str(tmp_path), "model", killed)
+    assert not (tmp_path / "model").exists()
+    publish_folder(str(tmp_path), "model", written("old"))
+    with pytest.raises(KeyboardInterrupt):
+        publish_folder(str(tmp_path), "model", killed)
+    assert (tmp_path / "model" / "config.json").read_text() == "old"
+    publish_folder(str(tmp_path), "model", written("new"))
+    assert sorted(os.listdir(tmp_path)) == ["model"] and (tmp_path / "model" / "config.json").read_text() == "new"
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
