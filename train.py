@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -319,7 +320,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         guard.restore_signal_handlers()
 
 
+def stop_at_once(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Until the StepGuard takes over (and again after it): SIGTERM stops at once as Ctrl-C does, so the lock is
+    # released and the message says so, rather than the process dying silently.
+    previous = signal.signal(signal.SIGTERM, stop_at_once)
     try:
         cfg = parse_config(argv)
         check_model_sources(cfg.model_name_or_path, cfg.tokenizer_name_or_path)
@@ -333,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         code = err.exit_code
+    except KeyboardInterrupt as err:  # a signal before training, or a second one during it
+        name = str(err) or "SIGINT"
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: stopped at once by {name}; output_dir keeps what was complete before it (resume with "
+                  "--resume_from_checkpoint latest where a checkpoint exists)", file=sys.stderr)
+        return 128 + (signal.SIGTERM if "SIGTERM" in name else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     shut_down_process_groups()  # finished, refused or stopped: the exit code is this one, not a SIGABRT at exit
     return code
 

@@ -139,7 +139,9 @@ def _choose_checkpoint(cfg: TrainConfig) -> str:
         return checkpoint
     candidates = complete_checkpoints(cfg.output_dir)
     if not candidates:
-        raise ConfigError(f"--resume_from_checkpoint latest: no complete checkpoint in output_dir {cfg.output_dir!r}")
+        raise ConfigError(f"--resume_from_checkpoint latest: no complete checkpoint in output_dir {cfg.output_dir!r} "
+                          "(a run stopped before its first checkpoint: start it again with --overwrite_output_dir "
+                          "true)")
     skipped = []
     for checkpoint in reversed(candidates):
         _check_settings(checkpoint, cfg)

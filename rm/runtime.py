@@ -29,9 +29,12 @@ def warn(message: str) -> None:
 def check_output_dir(cfg: TrainConfig) -> None:
     """Refuse to write into a non-empty output_dir unless asked to: nothing already written is overwritten. This
     run's own lock (rm/run_lock.py hold_output_dir) does not count."""
-    if written_by_others(cfg.output_dir) and not cfg.overwrite_output_dir:
-        raise ConfigError(f"output_dir {cfg.output_dir!r} exists and is not empty; pass --overwrite_output_dir "
-                          "true to write into it, or choose another directory")
+    written = sorted(written_by_others(cfg.output_dir))
+    if written and not cfg.overwrite_output_dir:
+        shown = ", ".join(written[:5]) + (", ..." if len(written) > 5 else "")
+        raise ConfigError(f"output_dir {cfg.output_dir!r} exists and is not empty ({shown}); pass "
+                          "--overwrite_output_dir true to write into it (a run stopped before its first checkpoint "
+                          "leaves runs/ or a .staging folder: nothing to resume), or choose another directory")
 
 
 def shut_down_process_groups() -> None:

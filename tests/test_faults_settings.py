@@ -8,6 +8,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,31 @@ def test_an_export_killed_midway_leaves_no_folder_that_looks_loadable(tmp_path):
     publish_folder(str(tmp_path), "model", written("new"))
     assert sorted(os.listdir(tmp_path)) == ["model"] and (tmp_path / "model" / "config.json").read_text() == "new"
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+
+
+SIGNAL_DURING_SETUP = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import train
+
+def signalled(*args, **kwargs):  # the signal arrives while the data is read, before any handler of the run
+    os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+    raise AssertionError("the signal did not stop the run")
+
+train.load_training_data = signalled
+sys.exit(train.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_during_setup_stops_with_one_line_and_releases_the_lock(tmp_path, name, code):
+    """Before the run's own handlers exist, SIGTERM used to kill the process silently (run.lock left behind) and
+    SIGINT printed a KeyboardInterrupt traceback from wherever it landed."""
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNAL_DURING_SETUP)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(script), str(ROOT), name, *TINY_RUN, "--output_dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: stopped at once by {name}"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not out.exists()  # lock released, the folder it created removed
