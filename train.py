@@ -232,8 +232,10 @@ def train_loop(run: Run, guard: StepGuard) -> int:
             record(run, step, metrics)
             progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/accuracy']:.3f}")
         if run.eval_set is not None and step % cfg.eval_steps == 0 and step < run.total_steps:
-            record(run, step, {f"eval/{k}": v for k, v in
-                               evaluate(accelerator, model, run.eval_set, cfg.max_tokens_per_micro_batch).items()})
+            guard.settle()  # a stop asked for meanwhile skips the evaluation: the checkpoint comes first
+            if not guard.stop_requested:
+                record(run, step, {f"eval/{k}": v for k, v in evaluate(accelerator, model, run.eval_set,
+                                                                      cfg.max_tokens_per_micro_batch).items()})
         if step % cfg.save_steps == 0 or step >= run.total_steps:
             guard.settle()  # the last step's non-finite check, read now: no checkpoint or export holds such a step
         if step % cfg.save_steps == 0 or (guard.stop_requested and step < run.total_steps):

@@ -200,3 +200,39 @@ def test_a_signal_during_setup_stops_with_one_line_and_releases_the_lock(tmp_pat
     assert proc.returncode == code, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: stopped at once by {name}"), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and not out.exists()  # lock released, the folder it created removed
+
+
+SIGNAL_DURING_EVALUATION = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import train
+
+evaluate, calls = train.evaluate, []
+
+def signalled_evaluate(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice arrives during the first evaluation
+    return evaluate(*args, **kwargs)
+
+train.evaluate = signalled_evaluate
+code = train.main(sys.argv[2:])
+print(f"evaluations: {len(calls)}")
+sys.exit(code)
+"""
+
+
+def test_a_stop_skips_the_evaluations_due_before_the_checkpoint(tmp_path):
+    """Under a launcher the workers get 30 s after SIGTERM: evaluations due while the stop flag travels (it is read
+    a step late) used to run first, and a long one cost the checkpoint. Now the first evaluation after the signal
+    is skipped and the checkpoint of the next step saved."""
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNAL_DURING_EVALUATION)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(script), str(ROOT), *TINY_RUN, "--max_steps", "8", "--eval_steps",
+                           "1", "--save_steps", "100", "--output_dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "evaluations: 1" in proc.stdout and "stopped by SIGTERM after optimizer step 2" in proc.stderr, \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (out / "checkpoint-2" / "COMPLETE").is_file()
