@@ -332,3 +332,11 @@ def test_help_shows_defaults(capsys):
     assert "(default: 16)" in help_text and "(default: auto)" in help_text and "(default: False)" in help_text
     assert "(default: None)" not in help_text
     assert parse_args(["--model", "m", "--data", "d", "--overwrite"]).overwrite is True
+
+
+@pytest.mark.parametrize("args", [["--batch_size", "abc"], ["--data", "x.jsonl"], ["--model", "m", "--bogus"]])
+def test_a_mistyped_or_missing_flag_is_one_line(capsys, args):
+    with pytest.raises(SystemExit) as stop:
+        score_main([*(["--data", "d.jsonl"] if "--data" not in args else []), *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err

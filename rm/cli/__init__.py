@@ -1,6 +1,7 @@
 """Command-line tools around the trainer (score, plan, validate, bench); nothing the trainer runs imports them."""
 
 import argparse
+from typing import NoReturn
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -10,3 +11,11 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.nargs == 0:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose refusals (a missing required option, `--batch_size abc`) are one line and exit 2, not the
+    usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")

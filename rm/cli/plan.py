@@ -38,7 +38,7 @@ from typing import Any
 
 from transformers.hf_argparser import string_to_bool
 
-from rm.cli import DefaultsHelpFormatter
+from rm.cli import DefaultsHelpFormatter, OneLineParser
 from rm.config import TrainConfig
 
 GIB = 1024 ** 3
@@ -327,7 +327,7 @@ def report(model: str, shape: Shape, args: argparse.Namespace, cfg: TrainConfig)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m rm.plan", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="python -m rm.plan", description=__doc__.split("\n\n")[0],
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", help="preset name, config.json or model folder (offline)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (processes) on each node")

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoConfig
 from transformers.hf_argparser import string_to_bool
 
-from rm.cli import DefaultsHelpFormatter
+from rm.cli import DefaultsHelpFormatter, OneLineParser
 from rm.config import ConfigError
 from rm.data import DataError, Pair, read_pairs, read_records
 from rm.encoding import PairEncoder
@@ -209,7 +209,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rm.score", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="python -m rm.score", description=__doc__.split("\n\n")[0],
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="training output dir, merged model folder or adapter folder")
     parser.add_argument("--data", required=True, help="preference data (any train.py layout) or texts (.txt, "

@@ -21,9 +21,11 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
+
+from rm.cli import OneLineParser
 
 # what `accelerate launch` uses for a topology value that neither the command line nor the yaml sets
 ACCELERATE_DEFAULTS = {"num_machines": 1, "num_processes": 1, "machine_rank": 0}
@@ -160,13 +162,6 @@ def master_reachable_problem(host: str, port: int, timeout_s: float) -> str | No
             "master_addr, the port, and that node 0 is started")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose refusals (a missing --accelerate_config, `--num_machines two`) are one line, exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _port_problem(port: Any, source: str) -> str | None:
     number = _as_int(port)
     return None if number is not None and 1 <= number <= 65535 else f"{source} is {port!r}; expected a port 1..65535"
@@ -192,7 +187,7 @@ def worker_problems(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(description="Check an accelerate yaml and the launch topology before launch.")
+    parser = OneLineParser(description="Check an accelerate yaml and the launch topology before launch.")
     parser.add_argument("--accelerate_config", required=True)
     parser.add_argument("--num_machines", type=int)
     parser.add_argument("--num_processes", type=int, help="total processes (nodes x GPUs per node)")
