@@ -102,6 +102,14 @@ def normalization_stats(folder: Path, is_adapter: bool) -> tuple[float, float]:
     return mean, std
 
 
+def check_lengths(max_source_length: int | None, max_target_length: int | None) -> None:
+    """Lengths given to score with: None means the training run's; below 1 is refused (0 used to mean None)."""
+    for name, value in (("max_source_length", max_source_length), ("max_target_length", max_target_length)):
+        if value is not None and value < 1:
+            raise ScoreError(f"--{name} is {value}; expected a positive integer (leave it unset for the training "
+                             "run's value)")
+
+
 def training_lengths(folder: Path) -> tuple[int, int]:
     """max_source_length / max_target_length of the run that made the model, else the trainer's defaults."""
     defaults = TrainConfig()
@@ -129,6 +137,7 @@ class Scorer:
              dtype: str = "auto", normalize: bool = False, max_source_length: int | None = None,
              max_target_length: int | None = None) -> "Scorer":
         """Lengths default to the training run's; the reward position is the one recorded in config.json."""
+        check_lengths(max_source_length, max_target_length)
         folder, is_adapter = resolve_model_dir(model, adapter)
         mean, std = normalization_stats(folder, is_adapter) if normalize else (0.0, 1.0)
         where = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -138,7 +147,8 @@ class Scorer:
         config_path, config = exported_config(folder, is_adapter)
         tokenizer = load_tokenizer(str(folder))
         try:
-            encoder = PairEncoder(tokenizer, max_source_length or default_source, max_target_length or default_target,
+            encoder = PairEncoder(tokenizer, default_source if max_source_length is None else max_source_length,
+                                  default_target if max_target_length is None else max_target_length,
                                   config.get(REWARD_POSITION_KEY, "template_end"))
         except ValueError as err:
             raise ScoreError(f"{config_path}: {err}") from None

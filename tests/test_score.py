@@ -340,3 +340,13 @@ def test_a_mistyped_or_missing_flag_is_one_line(capsys, args):
         score_main([*(["--data", "d.jsonl"] if "--data" not in args else []), *args])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+
+
+def test_the_python_scorer_refuses_lengths_below_one(full_run):
+    """Scorer.load (rm.score's and the TRL reward function's loader) took 0 for "the training run's value"."""
+    from rm.scoring import ScoreError, Scorer
+
+    out, _, _ = full_run
+    with pytest.raises(ScoreError, match="--max_source_length is 0; expected a positive integer"):
+        Scorer.load(str(out), max_source_length=0)
+    assert Scorer.load(str(out), max_target_length=7).encoder.max_target_length == 7

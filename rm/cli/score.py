@@ -36,7 +36,7 @@ from rm.loss import reward_metrics
 from rm.model import LOAD_ERRORS, cannot_load, check_model_sources
 from rm.outputs import ADAPTER_DIR, MODEL_DIR, SCORES_DIR
 from rm.runtime import progress_bars_only_on_a_terminal
-from rm.scoring import ScoreError, Scorer, read_json, resolve_model_dir
+from rm.scoring import ScoreError, Scorer, check_lengths, read_json, resolve_model_dir
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -87,11 +87,7 @@ def check_settings(args: argparse.Namespace) -> None:
     """Numbers below 1 and a device this machine lacks, refused before anything is read or loaded."""
     if args.batch_size < 1:
         raise ScoreError(f"--batch_size is {args.batch_size}; expected a positive integer")
-    for name in ("max_source_length", "max_target_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ScoreError(f"--{name} is {value}; expected a positive integer (leave it unset for the training "
-                             "run's value)")
+    check_lengths(args.max_source_length, args.max_target_length)
     check_device(args.device)
 
 
