@@ -45,11 +45,12 @@ MODEL_FILES = (("config.json",),
 TOKENIZER_FILES = (("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"),)
 
 
-def check_model_sources(model: str, tokenizer: str | None) -> None:
+def check_model_sources(model: str, tokenizer: str | None, model_option: str = "--model_name_or_path") -> None:
     """A local model or tokenizer folder that is missing, is a file, or lacks the files it needs stops the run with
     one line before anything is written or loaded (transformers would answer a mistyped path with a hub error).
-    'owner/name' and bare names that are no local path are left to the hub."""
-    for location, option, needs in ((model, "--model_name_or_path", MODEL_FILES),
+    'owner/name' and bare names that are no local path are left to the hub. model_option: the setting that named
+    the model, for the message."""
+    for location, option, needs in ((model, model_option, MODEL_FILES),
                                     (tokenizer, "--tokenizer_name_or_path", TOKENIZER_FILES)):
         if location is None or location == TINY:
             continue
@@ -82,7 +83,7 @@ def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> Any:
     source = TINY_TOKENIZER if name_or_path == TINY else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir, trust_remote_code=False)
-    except (OSError, ValueError) as err:
+    except LOAD_ERRORS as err:
         raise cannot_load(f"the tokenizer at {name_or_path} (--tokenizer_name_or_path, else --model_name_or_path)",
                           err) from None
     tokenizer.padding_side = "right"

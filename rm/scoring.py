@@ -56,6 +56,15 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def adapter_base(folder: Path, base_model: str | None) -> str:
+    """The base model an adapter folder loads on: --base_model, else the one its adapter_config.json names."""
+    adapter_config = folder / "adapter_config.json"
+    base = base_model or read_json(adapter_config).get("base_model_name_or_path")
+    if not base:
+        raise ScoreError(f"{adapter_config} names no base model: pass --base_model PATH")
+    return base
+
+
 def load_reward_model(folder: Path, is_adapter: bool, base_model: str | None, dtype: torch.dtype,
                       tokenizer: Any) -> RewardModel:
     from transformers import AutoModelForSequenceClassification
@@ -72,9 +81,7 @@ def load_reward_model(folder: Path, is_adapter: bool, base_model: str | None, dt
     else:
         from peft import PeftModel
 
-        base = base_model or read_json(folder / "adapter_config.json").get("base_model_name_or_path")
-        if not base:
-            raise ScoreError(f"{folder}/adapter_config.json names no base model: pass --base_model PATH")
+        base = adapter_base(folder, base_model)
         model = load(base, f"the adapter's base model {base}")
         try:
             model = PeftModel.from_pretrained(model, folder)

@@ -36,7 +36,7 @@ from rm.loss import reward_metrics
 from rm.model import LOAD_ERRORS, cannot_load, check_model_sources
 from rm.outputs import ADAPTER_DIR, MODEL_DIR, SCORES_DIR
 from rm.runtime import progress_bars_only_on_a_terminal
-from rm.scoring import ScoreError, Scorer, check_lengths, read_json, resolve_model_dir
+from rm.scoring import ScoreError, Scorer, adapter_base, check_lengths, resolve_model_dir
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -117,15 +117,10 @@ def check_base_model(folder: Path, is_adapter: bool, base_model: str | None) -> 
             raise ScoreError(f"--base_model is for a LoRA adapter, and {folder} is a merged model (pass --adapter to "
                              "score a training output directory's adapter/ on that base)")
         return
-    adapter_config = folder / "adapter_config.json"
-    base = base_model or read_json(adapter_config).get("base_model_name_or_path")
-    if not base:
-        raise ScoreError(f"{adapter_config} names no base model: pass --base_model PATH")
-    setting = f"--base_model {base}" if base_model else f"{adapter_config}: base model {base}"
-    try:
-        check_model_sources(base, None)
-    except ConfigError as err:  # its message names train.py's setting; here the base came from another
-        raise ScoreError(str(err).replace(f"--model_name_or_path {base}", setting, 1)) from None
+    base = adapter_base(folder, base_model)
+    option = "--base_model" if base_model else f"{folder / 'adapter_config.json'}: base model"
+    check_model_sources(base, None, model_option=option)
+    setting = f"{option} {base}"
     try:
         AutoConfig.from_pretrained(base, trust_remote_code=False)
     except LOAD_ERRORS as err:
