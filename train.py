@@ -36,8 +36,8 @@ from rm.export import export_reward_model
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.loss import pairwise_loss, split_rewards
 from rm.model import (RewardModel, apply_lora, check_model_sources, compile_decoder_layers, compile_requested,
-                      compiled_graphs, disable_dropout, load_backbone, load_tokenizer, needs_checkpointing,
-                      start_compile_workers)
+                      compiled_graphs, disable_dropout, enable_checkpointing, load_backbone, load_tokenizer,
+                      needs_checkpointing, start_compile_workers)
 from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, write_json
 from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
@@ -172,7 +172,7 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any, log:
                                              longest_micro_batch, parameters, 0 if cfg.use_peft else parameters)
     log(f"gradient checkpointing: {'on' if checkpointing else 'off'} ({why}; --gradient_checkpointing true/false)")
     if checkpointing:
-        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        enable_checkpointing(backbone)
     if cfg.use_peft:
         backbone.enable_input_require_grads()  # reentrant checkpointing needs a grad-carrying input
         backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, stop_at_once)
     try:
         cfg = parse_config(argv)
-        check_model_sources(cfg.model_name_or_path, cfg.tokenizer_name_or_path)
+        check_model_sources(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cache_dir=cfg.cache_dir)
         with hold_output_dir(cfg):  # one run per output_dir
             train(cfg)
         code = 0

@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 
 from rm.config import RECIPES, ConfigError, TrainConfig
-from rm.data import data_files, is_hub_name, train_location
+from rm.data import data_files, is_hub_data_set, train_location
 from rm.guards import TrainingStopped, resume_command
 from rm.outputs import CHECKPOINT_PREFIX as PREFIX
 from rm.outputs import (COMPLETE_MARKER, DATA_ORDER, SCHEDULER_STATE, STAGING_PREFIX, TRAIN_DATA, write_json,
@@ -184,7 +184,7 @@ _STARTED_WITH: dict[str, dict[str, Any]] = {}  # output_dir -> the train data's 
 
 def train_data_fingerprint(location: str) -> dict[str, Any]:
     """Size and sha256 of every data file the reader takes from `location` (a hub dataset: its name only)."""
-    if is_hub_name(location):
+    if is_hub_data_set(location):
         return {"location": location, "files": None}
     base = Path(train_location(location))  # the embedded sample, from any directory
     name = (lambda p: p.name) if base.is_file() else (lambda p: p.relative_to(base).as_posix())  # noqa: E731

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rm.config import ConfigError, TrainConfig
+from rm.hub import dataset_snapshot, is_hub_name
 from rm.layouts import DataError, FileLayout, Pair, check_pair
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".ndjson", ".jsonlines")
@@ -60,13 +61,10 @@ def data_files(location: str, log: Log | None = None) -> list[Path]:
     return files
 
 
-def is_hub_name(location: str) -> bool:
-    """'owner/name' that cannot be a local path: no such path, no data suffix, and no local folder 'owner'.
-    A missing local-looking path (data/reward while ./data exists) fails at once instead of asking the hub."""
-    path = Path(location)
-    parts = location.split("/")
-    return (len(parts) == 2 and all(parts) and not path.exists() and not path.suffix
-            and not location.startswith((".", "~")) and not Path(parts[0]).exists())
+def is_hub_data_set(location: str) -> bool:
+    """'owner/name' (rm.hub.is_hub_name) that does not end like a data file: owner/set.v2 is a data set, a missing
+    a/b.jsonl a mistyped file."""
+    return "/" in location and is_hub_name(location) and Path(location).suffix.lower() not in DATA_SUFFIXES
 
 
 def _decode(raw: bytes, where: str) -> str | DataError:
@@ -149,12 +147,20 @@ def _one_document(raw: bytes, where: str) -> DataError | None:
 
 
 def _hub_records(name: str, split: str, cache_dir: str | None) -> Iterator[Record]:
+    """The rows of a hub data set's split, read by datasets from its snapshot (downloaded, or the cached one:
+    datasets itself reads no hub cache offline)."""
     import datasets
 
     try:
-        table = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
-    except Exception as err:  # offline, unknown name, missing split: all mean the same to the user
-        raise DataError(name, f"no such file or directory, and not a loadable hub data set ({err})") from None
+        folder = dataset_snapshot(name, cache_dir)
+    except ConfigError as err:
+        raise DataError(name, f"no such file or directory, and as a hub data set {err}") from None
+    try:
+        table = datasets.load_dataset(str(folder), split=split, cache_dir=cache_dir)
+    except Exception as err:  # noqa: BLE001  (no such split, unreadable files: one line)
+        text = str(err).strip()
+        raise DataError(name, f"hub data set (snapshot {folder}) not loadable: "
+                              f"{text.splitlines()[0] if text else type(err).__name__}") from None
     for i, row in enumerate(table):
         yield f"{name}[{split}]:row {i + 1}", row
 
@@ -162,7 +168,7 @@ def _hub_records(name: str, split: str, cache_dir: str | None) -> Iterator[Recor
 def read_records(location: str, split: str = "train", cache_dir: str | None = None,
                  log: Log | None = None) -> Iterator[tuple[str, Iterator[Record]]]:
     """(source name, its records) for every file at `location`, or for the hub data set it names."""
-    if is_hub_name(location):
+    if is_hub_data_set(location):
         yield f"{location}[{split}]", _hub_records(location, split, cache_dir)
         return
     for path in data_files(location, log):

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from rm.attention import packed_attention_kwargs
 from rm.config import ConfigError
-from rm.data import is_hub_name
+from rm.hub import check_hub_model, is_hub_name
 
 # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` inside get_peft_model and
 # PeftModel.from_pretrained (its call, not ours): keep that FutureWarning out of every LoRA run and score
@@ -45,11 +45,12 @@ MODEL_FILES = (("config.json",),
 TOKENIZER_FILES = (("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"),)
 
 
-def check_model_sources(model: str, tokenizer: str | None, model_option: str = "--model_name_or_path") -> None:
+def check_model_sources(model: str, tokenizer: str | None, model_option: str = "--model_name_or_path",
+                        cache_dir: str | None = None) -> None:
     """A local model or tokenizer folder that is missing, is a file, or lacks the files it needs stops the run with
     one line before anything is written or loaded (transformers would answer a mistyped path with a hub error).
-    'owner/name' and bare names that are no local path are left to the hub. model_option: the setting that named
-    the model, for the message."""
+    'owner/name' that is no local path is a hub name (rm.hub): one that cannot be had (not cached, hub not
+    reachable) stops the run the same way. model_option: the setting that named the model, for the message."""
     for location, option, needs in ((model, model_option, MODEL_FILES),
                                     (tokenizer, "--tokenizer_name_or_path", TOKENIZER_FILES)):
         if location is None or location == TINY:
@@ -61,7 +62,9 @@ def check_model_sources(model: str, tokenizer: str | None, model_option: str = "
                     raise ConfigError(f"{option} {location}: the folder holds none of {', '.join(group)}")
         elif path.exists():
             raise ConfigError(f"{option} {location}: a file, not a model folder")
-        elif ("/" in location and not is_hub_name(location)) or location.startswith(("~", ".")):
+        elif is_hub_name(location):
+            check_hub_model(location, option, cache_dir)
+        else:
             raise ConfigError(f"{option} {location}: no such folder")
 
 
@@ -184,6 +187,16 @@ def activation_bytes_per_token(config: Any) -> int:
     bf16 autocast with flash attention: per layer 64 x hidden + 12 x intermediate (the fp32 residual stream and
     norms, q/k/v/o inputs, the MLP's gate/up/act). Measured on Qwen3-0.6B: ~1.6 MB a token; this says 2.9 MB."""
     return config.num_hidden_layers * (64 * config.hidden_size + 12 * config.intermediate_size)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Gradient checkpointing on every decoder layer, reentrant (what LoRA under ZeRO-3 needs, with
+    enable_input_require_grads). transformers 5.24 renamed gradient_checkpointing_enable to
+    activation_checkpointing_enable (same function; the old name warns and goes in v6); 5.17 has only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
 
 
 def needs_checkpointing(requested: bool | None, config: Any, device: torch.device, tokens_per_micro_batch: int,

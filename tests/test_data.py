@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rm.data import DataError, data_files, is_hub_name, read_pairs
+from rm.data import DataError, data_files, is_hub_data_set, read_pairs
 from rm.layouts import FLOAT32_MAX
 
 DATA = Path(__file__).resolve().parent / "data"  # small real subsets, sources in tests/data/README.md
@@ -232,8 +232,9 @@ def test_directory_walk_skips_hidden_folders_reads_any_suffix_case_and_follows_s
 def test_a_missing_local_looking_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
-    assert not is_hub_name("data/reward") and not is_hub_name("./x/y") and not is_hub_name("a/b.jsonl")
-    assert is_hub_name("Anthropic/hh-rlhf")
+    for local in ("data/reward", "./x/y", "a/b.jsonl", "a/b/c", "~/x", "/x", "x.jsonl", "imdb"):
+        assert not is_hub_data_set(local), local
+    assert is_hub_data_set("Anthropic/hh-rlhf") and is_hub_data_set("owner/set.v2")
     with pytest.raises(DataError, match="data/reward: no such file or directory"):
         read_pairs("data/reward", log=lambda m: None)
 

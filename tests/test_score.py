@@ -239,7 +239,7 @@ def test_base_model_problems_are_one_line(lora_run, full_run, tmp_path, refused)
     assert refused("--model", out, "--adapter", "--base_model", missing, *args) == \
         f"error: --base_model {missing}: no such folder"
     assert refused("--model", out, "--adapter", "--base_model", "owner/no-such-model", *args).startswith(
-        "error: --base_model owner/no-such-model: cannot be loaded: ")
+        "error: --base_model owner/no-such-model: not in the hub cache (")
     adapter = tmp_path / "adapter"  # the base named in adapter_config.json is gone
     shutil.copytree(out / "adapter", adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
