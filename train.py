@@ -19,6 +19,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from rm.dependencies import require_supported_dependencies
+
+require_supported_dependencies()  # a package missing or outside its range: one line, exit 2, before the imports below
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed

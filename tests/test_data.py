@@ -166,6 +166,7 @@ def test_empty_directory_and_missing_path(tmp_path):
         read_pairs(str(tmp_path / "nope.jsonl"))
 
 
+@pytest.mark.floor
 def test_parquet_file(tmp_path):
     import datasets
 

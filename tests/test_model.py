@@ -57,6 +57,7 @@ def _one_step(model: torch.nn.Module, lr: float = 1e-2) -> None:
     optimizer.step()
 
 
+@pytest.mark.floor
 def test_lora_trains_adapters_and_score_head_only(tiny_model):
     model = RewardModel(apply_lora(tiny_model, rank=4, alpha=8, dropout=0.0, target_modules="all"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -78,6 +79,7 @@ def test_full_fine_tuning_changes_every_parameter(tiny_model):
     assert not unchanged
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_gradient_accumulation_equals_one_big_batch(tiny_model, use_lora):
     """batch 1 x GA 4 and batch 4 x GA 1 through accelerator.accumulate / backward give the same gradients."""
@@ -112,6 +114,36 @@ def test_checkpointing_follows_an_explicit_choice_and_stays_on_without_cuda(tiny
     assert needs_checkpointing(None, tiny_model.config, cpu, 16384, 10, 10)[0] is True  # the original default
 
 
+@pytest.mark.floor
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_checkpointing_recomputes_each_layer_and_keeps_the_gradients(tiny_model, use_lora):
+    """enable_checkpointing on every transformers in range (5.17 has no activation_checkpointing_enable): each
+    decoder layer's forward runs again in backward, and the gradients equal those without checkpointing."""
+    from rm.model import enable_checkpointing
+
+    batch = _batch(2)
+    calls, grads = [], []
+    for checkpointing in (False, True):
+        backbone = copy.deepcopy(tiny_model)
+        if checkpointing:
+            enable_checkpointing(backbone)
+        if use_lora:
+            backbone.enable_input_require_grads()  # as train.py does: reentrant checkpointing needs it under LoRA
+            torch.manual_seed(0)  # the same LoRA initialisation both times
+            backbone = apply_lora(backbone, rank=4, alpha=8, dropout=0.0, target_modules="all")
+        model = RewardModel(backbone).train()
+        forwards = []
+        model.hf_model.model.layers[0].mlp.register_forward_hook(lambda *args: forwards.append(1))  # recomputed
+        chosen, rejected = split_rewards(model(batch["input_ids"], batch["attention_mask"]))
+        pairwise_loss(chosen, rejected).backward()
+        calls.append(len(forwards))
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert calls == [1, 2]
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_checkpointing_decides_by_the_gpus_free_memory_not_its_size(monkeypatch, tiny_model):
     """Another job holding most of the GPU: the same micro-batch that runs without checkpointing on an idle GPU
     must get checkpointing (jobs sharing one GPU went out of memory when the rule read the GPU's size)."""
@@ -126,6 +158,7 @@ def test_checkpointing_decides_by_the_gpus_free_memory_not_its_size(monkeypatch,
         assert verdict is expected, (state, why)
 
 
+@pytest.mark.floor
 def test_lora_under_autocast_skips_the_fp32_input_cast(tiny_model):
     from peft.tuners.lora import Linear as LoraLinear
 

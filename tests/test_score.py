@@ -56,6 +56,7 @@ def test_runs_log_no_warnings_and_no_progress_bars_when_captured(full_run, lora_
         assert "warning" not in log.lower() and "\r" not in log and "it/s" not in log, log[-2000:]
 
 
+@pytest.mark.floor
 def test_merged_model_scores_equal_trainer_eval_rewards(full_run, tmp_path, capsys):
     out, final, _ = full_run
     records, summary = score(tmp_path, "--model", out, "--data", EVAL, "--batch_size", "7")
@@ -80,6 +81,7 @@ def test_normalize_uses_the_stored_eval_statistics(full_run, tmp_path):
     assert summary["reward_std"] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.floor
 def test_adapter_and_merged_model_give_the_same_rewards(lora_run, tmp_path):
     out, final, _ = lora_run
     merged, merged_summary = score(tmp_path, "--model", out, "--data", EVAL)

@@ -13,6 +13,7 @@ from rm.model import load_tokenizer
 QUICK = ["--config", "examples/quickstart.yaml"]
 
 
+@pytest.mark.floor  # full fine-tuning, checkpointing off, export
 def test_quickstart_learns_and_exports(tmp_path):
     out = tmp_path / "quick"
     proc, metrics, info = run_train(out, *QUICK)
@@ -35,6 +36,7 @@ def test_quickstart_learns_and_exports(tmp_path):
     assert_export_matches_trainer(out, final)
 
 
+@pytest.mark.floor
 def test_lora_with_checkpointing_exports_adapter_and_merged_model(tmp_path):
     out = tmp_path / "lora"
     _, metrics, info = run_train(out, *QUICK, "--use_peft", "true", "--gradient_checkpointing", "true",

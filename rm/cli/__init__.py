@@ -1,7 +1,13 @@
-"""Command-line tools around the trainer (score, plan, validate, bench); nothing the trainer runs imports them."""
+"""Command-line tools around the trainer (score, plan, validate, bench); nothing the trainer runs imports them.
+Importing any of them first checks the installed dependencies (rm.dependencies: one line and exit 2 for a package
+missing or outside its range, before the tool imports torch or transformers)."""
 
 import argparse
 from typing import NoReturn
+
+from rm.dependencies import require_supported_dependencies
+
+require_supported_dependencies()
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
