@@ -102,7 +102,9 @@ def strike(process: Process, sig: signal.Signals, moment: str, output_dir: Path,
     """Waits for the moment, sends the signal, waits for the process; returns what the moment turned out to be."""
     start = latest_step(output_dir)
     if moment == "random" and start > 0 and (rng.random() < 1 / 3 or start > STEPS - 12):
-        time.sleep(rng.uniform(0.0, 2.5))  # start-up: imports, reading, restoring (training starts after ~4 s)
+        until = time.monotonic() + rng.uniform(0.0, 3.0)  # start-up: imports, reading the data, restoring
+        while time.monotonic() < until and not process.seen("resumed from") and process.proc.poll() is None:
+            time.sleep(0.002)  # the restore done (training starts now) is the latest start-up moment
         moment = "start-up"
     elif moment == "random":
         target = rng.randint(max(start, SAVE_STEPS) + 1, max(start, SAVE_STEPS) + 4)  # a checkpoint exists by then
@@ -119,10 +121,11 @@ def strike(process: Process, sig: signal.Signals, moment: str, output_dir: Path,
     return moment
 
 
-def test_ten_kills_at_random_moments_end_with_the_weights_of_an_uninterrupted_run(tmp_path):
+def test_ten_kills_at_random_moments_end_with_the_weights_of_an_uninterrupted_run(tmp_path, capsys):
     seed = int(os.environ.get("RM_CHAOS_SEED", random.SystemRandom().randrange(10 ** 6)))
     rng = random.Random(seed)
-    print(f"chaos seed {seed} (RM_CHAOS_SEED={seed} replays it)")
+    with capsys.disabled():  # shown without -s: the seed, and below the figure
+        print(f"\nchaos seed {seed} (RM_CHAOS_SEED={seed} replays it)")
     data = train_data(tmp_path / "train.jsonl")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",  # one core each: the reference runs beside
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/torch_ext")}
@@ -157,7 +160,8 @@ def test_ten_kills_at_random_moments_end_with_the_weights_of_an_uninterrupted_ru
             break
         process = Process(resume, env, tmp_path / f"run-{number}.log")
     assert len(survived) == len(PLAN), f"seed {seed}: the run ended after {len(survived)} kills: {survived}"
-    print(f"chaos: {len(survived)} kills survived (seed {seed}): " + "; ".join(survived))
+    with capsys.disabled():
+        print(f"\nchaos: {len(survived)} kills survived (seed {seed}): " + "; ".join(survived))
 
     assert reference.finish() == 0, reference.tail()
     final = lambda d: load_file(str(d / "model" / "model.safetensors"))  # noqa: E731
