@@ -67,16 +67,19 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def stop_after(proc: subprocess.Popen, log: Path, out: Path, step: int, timeout: float = 300) -> None:
-    """SIGTERM to the training process (rank 0's pid, from output_dir/run.lock) once `step` is logged, as a
-    scheduler's preemption does."""
-    deadline = time.monotonic() + timeout
-    while f"step {step}/{STEPS} " not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            return  # reported by the caller: no stop, no resume line
-        time.sleep(0.05)
-    pid = json.loads((out / "run.lock").read_text())["pid"]
-    os.kill(pid, signal.SIGTERM)
+def stop_all_after(runs: list[tuple[subprocess.Popen, Path, Path]], step: int, timeout: float = 300) -> None:
+    """SIGTERM to each training process (rank 0's pid, from output_dir/run.lock) once it logged `step`, as a
+    scheduler's preemption does; all watched at once (they run side by side)."""
+    pending, deadline = list(runs), time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for run in list(pending):
+            proc, log, out = run
+            if proc.poll() is not None:
+                pending.remove(run)  # ended first: reported by the caller (no stop, no resume line)
+            elif f"step {step}/{STEPS} " in log.read_text():
+                os.kill(json.loads((out / "run.lock").read_text())["pid"], signal.SIGTERM)
+                pending.remove(run)
+        time.sleep(0.01)
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -104,9 +107,8 @@ def main() -> int:
             name, port = f"zero{stage}-{mode}-{kind}", port + 1
             out = logs / name
             runs[name] = (start(command(stage, mode, model, out, port, args.cpu), logs / f"{name}.log"), out)
-    for stage, mode in configs:
-        name = f"zero{stage}-{mode}-stopped"
-        stop_after(runs[name][0], logs / f"{name}.log", runs[name][1], STOP_AT)
+    stop_all_after([(runs[f"zero{s}-{m}-stopped"][0], logs / f"zero{s}-{m}-stopped.log", runs[f"zero{s}-{m}-stopped"][1])
+                    for s, m in configs], STOP_AT)
     for proc, _ in runs.values():
         proc.wait(timeout=600)
     resumed = {}
