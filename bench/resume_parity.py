@@ -37,7 +37,7 @@ RESUME_LINE = "Resume with: "
 def write_model(path: Path, cpu: bool) -> Path:
     """A random Qwen3 causal LM (no score head) with the tiny tokenizer: hidden 256, 4 layers (tiny on --cpu)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from rm.model import TINY, load_tokenizer, tiny_config
 
@@ -122,7 +122,7 @@ def main() -> int:
         proc.wait(timeout=600)
 
     failures = 0
-    print(f"| config | stopped (exit, step) | resumed exit | steps compared | max abs loss diff | tolerance | result |")
+    print("| config | stopped (exit, step) | resumed exit | steps compared | max abs loss diff | tolerance | result |")
     print("|---|---|---|---|---|---|---|")
     for stage, mode in configs:
         stopped_proc, stopped_out = runs[f"zero{stage}-{mode}-stopped"]

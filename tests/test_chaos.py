@@ -145,7 +145,7 @@ def test_ten_kills_at_random_moments_end_with_the_weights_of_an_uninterrupted_ru
             if moment in ("save", "export"):  # the kill hit the save: its staging folder is left behind
                 assert staging(out, moment, process.started_ns), f"{where}: no staging folder left: the kill missed the save"
         elif moment == "export":  # the run finishes the export it was writing, then exits 0
-            assert code == 0 and process.seen(f"SIGTERM arrived after the last step"), f"{where}: exit {code}\n" \
+            assert code == 0 and process.seen("SIGTERM arrived after the last step"), f"{where}: exit {code}\n" \
                                                                                        f"{process.tail()}"
         else:  # stopped with a checkpoint (3); during start-up: at once (143), or before Python's handler (-15)
             assert code in (3, 128 + signal.SIGTERM, -signal.SIGTERM), f"{where}: exit {code}\n{process.tail()}"

@@ -82,7 +82,7 @@ def test_a_parquet_margin_past_float32_names_file_row_and_field(tmp_path, margin
     path = tmp_path / "d.parquet"
     datasets.Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b", "margin": m}
                                 for m in (0.5, margin)]).to_parquet(str(path))
-    with pytest.raises(DataError, match=rf"d.parquet:row 2: field 'margin' must be a finite float32 number"):
+    with pytest.raises(DataError, match=r"d.parquet:row 2: field 'margin' must be a finite float32 number"):
         read(path)
 
 
@@ -128,7 +128,7 @@ def test_held_out_pairs_are_never_trained_on_even_when_the_data_repeats_them(tmp
     assert facts == {"duplicate_pairs": 160, "held_out_copies_dropped": len(records) - len(train) - 6,
                      "eval_pairs_also_in_train": 0}
     assert facts["held_out_copies_dropped"] >= 6  # every held-out pair had at least one copy
-    assert any(f"the train data holds 160 copies of pairs it already has" in m and
+    assert any("the train data holds 160 copies of pairs it already has" in m and
                f"{facts['held_out_copies_dropped']} copies of held-out pairs dropped" in m for m in logged), logged
 
 
