@@ -91,7 +91,8 @@ def setup(cfg: TrainConfig) -> Run:
     # ---- tokenizer and data: validated and tokenized once, before the model costs any memory
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.cache_dir)
     encoder = PairEncoder(tokenizer, cfg.max_source_length, cfg.max_target_length, cfg.reward_position)
-    train_pairs, eval_pairs = load_training_data(cfg, log)  # every record checked (rm/data.py)
+    duplicates: dict[str, int] = {}  # counts of repeated pairs, for run_info.json
+    train_pairs, eval_pairs = load_training_data(cfg, log, duplicates)  # every record checked (rm/data.py)
     with accelerator.main_process_first():
         show = accelerator.is_main_process
         train_set = encode_pairs(train_pairs, encoder, cfg.cache_dir, "train", show_progress=show, log=log)
@@ -150,7 +151,8 @@ def setup(cfg: TrainConfig) -> Run:
     run_info = {"distributed_type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes,
                 "zero_stage": stage, "mixed_precision": accelerator.mixed_precision,
                 "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
-                "total_steps": total_steps, "train_pairs": len(train_set), "learning_rates": learning_rates,
+                "total_steps": total_steps, "train_pairs": len(train_set), "duplicates": duplicates,
+                "learning_rates": learning_rates,
                 **model_info}
     return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, train_loader, eval_set,
                DataPosition(accelerator, train_loader, position, total_steps, epochs), total_steps,

@@ -12,15 +12,18 @@ fixed by its first record: `FileLayout`); a bad record raises `DataError` naming
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 import random
+import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rm.config import ConfigError, TrainConfig
 from rm.hub import dataset_snapshot, is_hub_name
-from rm.layouts import DataError, FileLayout, Pair, check_pair
+from rm.layouts import DataError, FileLayout, OutOfRange, Pair, check_pair
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".ndjson", ".jsonlines")
 EMBEDDED_TRAIN = "data/sample/train.jsonl"  # TrainConfig's default train_file_dir, found from any directory
@@ -74,13 +77,69 @@ def _decode(raw: bytes, where: str) -> str | DataError:
         return DataError(where, f"invalid UTF-8 at byte {err.start}")
 
 
+class DuplicateKeyError(Exception):
+    """A JSON object names one key twice (json keeps the last value silently)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(items)
+    if len(record) < len(items):  # the common case costs one len(); the key is looked for only when one repeats
+        seen: set[str] = set()
+        raise DuplicateKeyError(next(key for key, _ in items if key in seen or seen.add(key)))
+    return record
+
+
+LONGEST_INTEGER = 400  # digits read as int; float32's range ends at 39, Python's int() at 4300
+
+
+def _integer(text: str) -> Any:
+    """int(), except for integers longer than Python converts (its int-to-str limit): those are past float32's
+    range anyway, so they are read as OutOfRange (the layouts refuse it, naming the field) instead of failing
+    the whole parse with a ValueError."""
+    return OutOfRange(text) if len(text) > LONGEST_INTEGER else int(text)
+
+
+# Records are read with every object's keys checked unique and huge integers kept parseable. parse_int costs a
+# Python call per JSON integer (rare in preference data); floats and NaN/Infinity keep json's own fast parsing
+# (they become inf/nan, which the layouts refuse).
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_int=_integer)
+_BETWEEN_RECORDS = re.compile(r"[\s,]*")
+
+
+def _duplicate_key(where: str, key: str) -> DataError:
+    return DataError(where, f"key {key!r} appears twice in one JSON object: the record says two things (json would "
+                            "keep the last silently); keep one")
+
+
 def _parse_json(text: str, where: str) -> Any:
     try:
-        return json.loads(text)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as err:
         return DataError(where, f"malformed JSON: {err.msg} (column {err.colno})")
+    except DuplicateKeyError as err:
+        return _duplicate_key(where, err.key)
     except RecursionError:
         return DataError(where, "JSON nested too deeply")
+
+
+def _array_records(text: str, path: Path) -> Iterator[Record]:
+    """A JSON array read record by record (the slow path, taken when an object in it repeats a key): each record,
+    or for that object an error naming the line where its record starts."""
+    position, number = text.index("[") + 1, 0
+    while (position := _BETWEEN_RECORDS.match(text, position).end()) < len(text) and text[position] != "]":
+        number += 1
+        try:
+            record, position = _DECODER.raw_decode(text, position)
+        except DuplicateKeyError as err:
+            where = f"{path}:{text.count(chr(10), 0, position) + 1} (record {number})"
+            yield where, _duplicate_key(where, err.key)
+            position = json.JSONDecoder().raw_decode(text, position)[1]
+            continue
+        yield f"{path}:record {number}", record
 
 
 def _file_records(path: Path, cache_dir: str | None) -> Iterator[Record]:
@@ -107,9 +166,12 @@ def _file_records(path: Path, cache_dir: str | None) -> Iterator[Record]:
             yield str(path), text
             return
         try:
-            rows = json.loads(text)
+            rows = _DECODER.decode(text)
         except json.JSONDecodeError as err:
             yield f"{path}:{err.lineno}", DataError(f"{path}:{err.lineno}", f"malformed JSON: {err.msg}")
+            return
+        except DuplicateKeyError:
+            yield from _array_records(text, path)
             return
         except RecursionError:
             yield str(path), DataError(str(path), "JSON nested too deeply")
@@ -133,7 +195,9 @@ def _file_records(path: Path, cache_dir: str | None) -> Iterator[Record]:
 
 def _one_document(raw: bytes, where: str) -> DataError | None:
     """The clearer error for a file whose first line is not JSON because the whole file is one JSON object (a
-    pretty-printed record, or {"data": [...]}); None when it is not."""
+    pretty-printed record, or {"data": [...]}); None when it is not (a one-line file: its line was the JSON)."""
+    if b"\n" not in raw.strip():
+        return None
     try:
         document = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):
@@ -227,29 +291,82 @@ def _capped(pairs: list[Pair], cap: int, what: str, setting: str, log: Log) -> l
     return pairs
 
 
-def _held_out_split(pairs: list[Pair], cfg: TrainConfig, log: Log) -> tuple[list[Pair], list[Pair] | None]:
-    """A deterministic held-out split of the train data (seeded): HELD_OUT_FRACTION of it, at most
-    max_eval_samples; none when that is zero pairs."""
-    size = int(len(pairs) * HELD_OUT_FRACTION)
+def _normalised(text: str) -> str:
+    """Unicode NFC with every whitespace run one space and none at the ends: how two copies of one pair differ."""
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    return " ".join(text.split())
+
+
+def content_key(pair: Pair) -> bytes:
+    """A 16-byte hash of the pair's prompt (roles and texts), chosen and rejected after `_normalised`: equal for
+    copies of one pair. Hashes, not the texts, are kept: a million pairs cost 16 MB."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in [str(len(pair.prompt))] + [t for m in pair.prompt for t in (m["role"], m["content"])] + [
+            pair.chosen, pair.rejected]:
+        data = _normalised(part).encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.digest()
+
+
+def _held_out_split(pairs: list[Pair], cfg: TrainConfig, log: Log,
+                    facts: dict[str, int]) -> tuple[list[Pair], list[Pair] | None]:
+    """A deterministic held-out split of the train data (seeded), disjoint by content: HELD_OUT_FRACTION of the
+    distinct pairs, at most max_eval_samples, is held out once each; the other copies of a held-out pair are
+    dropped from training (else eval accuracy is partly train accuracy). Duplicates among the trained pairs stay.
+    None when that is zero pairs. `facts` gets the counts."""
+    keys = [content_key(pair) for pair in pairs]
+    first: dict[bytes, int] = {}
+    for index, key in enumerate(keys):
+        first.setdefault(key, index)
+    distinct = list(first.values())
+    size = int(len(distinct) * HELD_OUT_FRACTION)
     if cfg.max_eval_samples >= 0:
         size = min(size, cfg.max_eval_samples)
+    facts["duplicate_pairs"] = len(pairs) - len(distinct)
     if size == 0:
-        log(f"evaluation: off ({len(pairs)} train pairs are too few to hold {HELD_OUT_FRACTION:.0%} out, or "
-            "max_eval_samples is 0); pass --validation_file_dir to evaluate")
+        log(f"evaluation: off ({len(distinct)} distinct train pairs are too few to hold {HELD_OUT_FRACTION:.0%} out, "
+            "or max_eval_samples is 0); pass --validation_file_dir to evaluate")
         return pairs, None
-    held = set(random.Random(cfg.seed).sample(range(len(pairs)), size))
-    log(f"evaluation: {size} pairs held out of the {len(pairs)} pairs of {cfg.train_file_dir} (seed {cfg.seed}; "
-        "--validation_file_dir FILE evaluates on other data, 'none' turns evaluation off)")
-    return ([p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held])
+    held = sorted(random.Random(cfg.seed).sample(distinct, size))
+    held_keys = {keys[index] for index in held}
+    train = [pair for pair, key in zip(pairs, keys) if key not in held_keys]
+    facts["held_out_copies_dropped"] = len(pairs) - len(train) - size
+    facts["eval_pairs_also_in_train"] = 0
+    log(f"evaluation: {size} pairs held out of the {len(distinct)} distinct pairs of {cfg.train_file_dir} (seed "
+        f"{cfg.seed}; --validation_file_dir FILE evaluates on other data, 'none' turns evaluation off)")
+    if facts["duplicate_pairs"]:
+        log(f"duplicates: the train data holds {facts['duplicate_pairs']} copies of pairs it already has (same "
+            f"prompt, chosen and rejected up to whitespace and Unicode form); {facts['held_out_copies_dropped']} "
+            "copies of held-out pairs dropped from training so that no held-out pair is trained on; the other "
+            "copies train")
+    return train, [pairs[index] for index in held]
 
 
-def load_training_data(cfg: TrainConfig, log: Log) -> tuple[list[Pair], list[Pair] | None]:
+def _overlap(train: list[Pair], evaluation: list[Pair], location: str, log: Log, facts: dict[str, int]) -> None:
+    """Counts (into facts) and warns about eval pairs that are also train pairs: given eval data is used as given,
+    but its accuracy is then partly train accuracy."""
+    train_keys = [content_key(pair) for pair in train]
+    known = set(train_keys)
+    facts["duplicate_pairs"] = len(train_keys) - len(known)
+    facts["eval_pairs_also_in_train"] = sum(content_key(pair) in known for pair in evaluation)
+    if facts["eval_pairs_also_in_train"]:
+        log(f"warning: {facts['eval_pairs_also_in_train']} of the {len(evaluation)} eval pairs of {location} are also in the "
+             "train data (same prompt, chosen and rejected up to whitespace and Unicode form): their eval accuracy "
+             "is train accuracy")
+
+
+def load_training_data(cfg: TrainConfig, log: Log,
+                       facts: dict[str, int] | None = None) -> tuple[list[Pair], list[Pair] | None]:
     """All train and eval pairs, read and checked before the model is built, capped at max_*_samples.
     Eval data: validation_file_dir; unset, the embedded eval file next to the embedded train file, else a held-out
-    split of the train data; None when evaluation is off."""
+    split of the train data (disjoint by content); None when evaluation is off. `facts` (for run_info.json) gets
+    the duplicate counts: duplicate_pairs (in the train data), held_out_copies_dropped, eval_pairs_also_in_train."""
     def read(location: str, split: str) -> list[Pair]:
         return read_pairs(location, split, cfg.cache_dir, cfg.skip_bad_records, log=log)
 
+    facts = {} if facts is None else facts
     train = read(train_location(cfg.train_file_dir), "train")
     evaluation = None
     if cfg.max_eval_samples == 0 or (cfg.validation_file_dir or "").lower() == NO_EVALUATION:
@@ -263,9 +380,11 @@ def load_training_data(cfg: TrainConfig, log: Log) -> tuple[list[Pair], list[Pai
     elif cfg.train_file_dir == EMBEDDED_TRAIN:
         evaluation = read(str(EMBEDDED_SAMPLE / "eval.jsonl"), "validation")
     else:
-        train, evaluation = _held_out_split(train, cfg, log)
+        train, evaluation = _held_out_split(train, cfg, log, facts)
     if evaluation is not None:
         evaluation = _capped(evaluation, cfg.max_eval_samples, "eval", "max_eval_samples", log)
+        if "eval_pairs_also_in_train" not in facts:
+            _overlap(train, evaluation, cfg.validation_file_dir or str(EMBEDDED_SAMPLE / "eval.jsonl"), log, facts)
     return _capped(train, cfg.max_train_samples, "train", "max_train_samples", log), evaluation
 
 

@@ -97,6 +97,15 @@ def _sharegpt_turns(turns: Any, key: str, where: str, or_text: bool = False) -> 
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+class OutOfRange(float):
+    """A JSON number too long for Python's int() (rm/data.py reads it so): infinite, keeping a short spelling."""
+
+    def __new__(cls, text: str) -> "OutOfRange":
+        number = super().__new__(cls, "-inf" if text.startswith("-") else "inf")
+        number.spelled = f"{text[:12]}... ({len(text.lstrip('-'))} digits)"
+        return number
+
+
 def _margin(record: dict, where: str) -> float:
     """A number the float32 loss can hold: huge integers and values past float32's range are refused here, not
     turned into inf after a step."""
@@ -110,7 +119,9 @@ def _margin(record: dict, where: str) -> float:
     except OverflowError:
         margin = math.inf
     if not math.isfinite(margin) or abs(margin) > FLOAT32_MAX:
-        raise DataError(where, f"field 'margin' must be a finite float32 number, got {str(value)[:40]}")
+        spelled = getattr(value, "spelled", None) or str(value)[:40]
+        raise DataError(where, f"field 'margin' must be a finite float32 number (|margin| <= {FLOAT32_MAX:.4g}), "
+                               f"got {spelled}")
     return margin
 
 
