@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rm.config import ConfigError, TrainConfig
-from rm.layouts import DataError, FileLayout, Pair, check_pair
+from rm.layouts import SKIP_HINT, DataError, FileLayout, Pair, check_pair
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".ndjson", ".jsonlines")
 EMBEDDED_TRAIN = "data/sample/train.jsonl"  # TrainConfig's default train_file_dir, found from any directory
@@ -185,7 +185,7 @@ def read_pairs(location: str, split: str = "train", cache_dir: str | None = None
                 pair = layout.pair(record, where)
                 pair.source = where
                 if for_training:
-                    check_pair(pair)
+                    check_pair(pair, hint="" if skip_bad else SKIP_HINT)
             except DataError as err:
                 if not skip_bad:
                     raise

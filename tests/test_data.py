@@ -57,10 +57,28 @@ def test_hh_rlhf_transcripts_from_the_real_file_have_an_implicit_prompt():
 
 
 def test_training_refuses_an_empty_reply_with_the_skip_hint_and_skips_it_when_asked():
-    with pytest.raises(DataError, match=r"hh_harmless_27.jsonl:25: field 'chosen' is empty.*--skip_bad_records"):
+    """The transcript in 'chosen' is not empty, its last Assistant reply is: the message says which. Once the flag
+    is given, the summary of the dropped records does not repeat the hint to give it."""
+    with pytest.raises(DataError, match=r"hh_harmless_27.jsonl:25: the last Assistant reply of field 'chosen' is "
+                                        r"empty.*--skip_bad_records"):
         read_file(DATA / "hh_harmless_27.jsonl")
-    _, pairs = read_file(DATA / "hh_harmless_27.jsonl", skip_bad=True)
+    logged = []
+    pairs = read_pairs(str(DATA / "hh_harmless_27.jsonl"), skip_bad=True, log=logged.append)
     assert len(pairs) == 26
+    summary = [line for line in logged if line.startswith("skip_bad_records: dropped 1 bad records")]
+    assert len(summary) == 1 and "the last Assistant reply of field 'chosen' is empty" in summary[0]
+    assert "--skip_bad_records true" not in summary[0], summary[0]
+
+
+def test_an_empty_last_message_is_named_as_such(tmp_path):
+    convo = [{"role": "user", "content": "q"}]
+    f = write_jsonl(tmp_path / "trl.jsonl", [
+        {"chosen": convo + [{"role": "assistant", "content": "a"}],
+         "rejected": convo + [{"role": "assistant", "content": "b"}]},
+        {"chosen": convo + [{"role": "assistant", "content": "a"}],
+         "rejected": convo + [{"role": "assistant", "content": " "}]}])
+    with pytest.raises(DataError, match=r"trl.jsonl:2: the last message of field 'rejected' is empty"):
+        read_file(f)
 
 
 def test_prompt_less_pairs_are_read(tmp_path):
