@@ -19,7 +19,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
+from rm.interrupts import interrupts_in_one_line
+
+if __name__ == "__main__":
+    interrupts_in_one_line("train.py")  # before torch imports (seconds): a Ctrl-C then is one line too
+
+import torch  # noqa: E402  (the imports below come after the line above on purpose)
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -339,14 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
-    except TrainingStopped as err:
+    except TrainingStopped as err:  # a requested stop (checkpoint saved) is no error; a non-finite step is
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {err}" if err.is_error else str(err), file=sys.stderr)
         code = err.exit_code
-    except KeyboardInterrupt as err:  # a signal before training, or a second one during it
+    except KeyboardInterrupt as err:  # a signal before training, or a second one during it: asked for, no error
         name = str(err) or "SIGINT"
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: stopped at once by {name}; output_dir keeps what was complete before it (resume with "
+            print(f"stopped at once by {name}; output_dir keeps what was complete before it (resume with "
                   "--resume_from_checkpoint latest where a checkpoint exists)", file=sys.stderr)
         return 128 + (signal.SIGTERM if "SIGTERM" in name else signal.SIGINT)
     finally:
