@@ -36,7 +36,7 @@ from rm.checkpoint import Position, agreed_checkpoint, load_checkpoint, prepare_
 from rm.config import ConfigError, TrainConfig, parse_config
 from rm.data import DataError, check_enough_pairs, load_training_data
 from rm.encoding import PairCollator, PairEncoder, encode_pairs
-from rm.evaluate import collect_rewards, evaluate, summarize_rewards
+from rm.evaluate import accuracy_note, collect_rewards, evaluate, summarize_rewards
 from rm.export import export_reward_model
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.loss import pairwise_loss, split_rewards
@@ -282,6 +282,8 @@ def finish(run: Run, step: int) -> dict[str, Any]:
             final.update({f"eval/{k}": v for k, v in summarize_rewards(*eval_rewards).items()})
             reward_stats = {"mean": final["eval/reward_mean"], "std": final["eval/reward_std"]}  # for rm.score
             accelerator.log({k: v for k, v in final.items() if k != "step"}, step=step)
+            if note := accuracy_note(final):
+                run.log(note)
         except Exception as err:  # noqa: BLE001  (the trained model matters more than its final numbers)
             run.log(f"final evaluation failed ({type(err).__name__}: {err}); exporting the model without it")
     train_logs = [h for h in run.history if "train/loss" in h]
