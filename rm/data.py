@@ -3,10 +3,11 @@
 Sources: a .jsonl/.json/.parquet/.csv/.tsv file (.ndjson and .jsonlines read as .jsonl; suffix in any case), a
 directory of them (hidden folders and files skipped, other files named in the log, symlinked folders followed), or
 a datasets hub name ('owner/name'). A JSON array is read whole, whatever the suffix. CSV/TSV: a header row of field
-names, then one record per row. `.txt` files (one text per line) are read for rm.score. JSON lines are split on '\\n' only: a JSON string may hold U+2028 or U+0085, which str.splitlines() would
-cut. A UTF-8 byte-order mark is accepted. Each record becomes a `Pair` through rm/layouts.py (one layout per file,
-fixed by its first record: `FileLayout`); a bad record raises `DataError` naming file:line and field, or, with
-`skip_bad=True`, is dropped and counted. Train, validate and score all read through `read_pairs`.
+names, then one record per row. `.txt` files (one text per line) are read for rm.score. JSON lines are split on
+'\\n' only: a JSON string may hold U+2028 or U+0085, which str.splitlines() would cut. A UTF-8 byte-order mark is
+accepted. Each record becomes a `Pair` through rm/layouts.py (one layout per file, fixed by its first record:
+`FileLayout`); a bad record raises `DataError` naming file:line and field, or, with `skip_bad=True`, is dropped and
+counted. Train, validate and score all read through `read_pairs`.
 """
 
 from __future__ import annotations
