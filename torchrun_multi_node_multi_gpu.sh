@@ -14,8 +14,14 @@
 # VALID_FILE_DIR, OUTPUT_DIR and CACHE_DIR, when set, become the matching train.py flags; extra arguments are passed
 # to train.py as they are. It runs from the caller's directory (the yaml and train.py are found next to this
 # script), so relative paths resolve there, as for `python train.py`. Misuse is one line and exit 1 before anything
-# starts. RM_DRY_RUN=1 prints the command instead of running it.
+# starts, as is an `accelerate` that is not on PATH or cannot run (activate the venv first). RM_DRY_RUN=1 prints
+# the command instead of running it. --help prints this text.
 set -euo pipefail
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+    exit 0
+fi
 
 ZERO_STAGE=${1:-3}
 NUM_NODES=${2:-1}
@@ -48,10 +54,30 @@ CONFIG_FILE=$REPO/accelerate_configs/zero${ZERO_STAGE}_${TOPOLOGY}.yaml
     fail "accelerate config $CONFIG_FILE not found (needed for ZeRO-$ZERO_STAGE on $NUM_NODES node(s))"
 WORLD_SIZE=$((NUM_NODES * GPUS_PER_NODE))
 
+# `accelerate` must be on PATH and able to run (its python must find accelerate and torch), or the launch would
+# fail only after the banner. Its python runs the check below too, so both see the same installation.
+ACCELERATE=$(command -v accelerate || true)
+if [ -z "$ACCELERATE" ]; then
+    if [ -x "$REPO/.venv/bin/accelerate" ]; then
+        fail "accelerate is not on PATH; activate the venv first: source $REPO/.venv/bin/activate"
+    fi
+    fail "accelerate is not on PATH; install the requirements into a venv and activate it:" \
+        "python3 -m venv .venv && .venv/bin/pip install -r $REPO/requirements.txt && source .venv/bin/activate"
+fi
+read -r SHEBANG < "$ACCELERATE" || true
+read -r -a INTERPRETER <<< "${SHEBANG#\#!}"
+PYTHON=${INTERPRETER[0]:-python3}
+[[ "$PYTHON" == */env ]] && PYTHON=${INTERPRETER[1]:-python3}
+"$PYTHON" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("accelerate") and u.find_spec("torch")))' \
+    2> /dev/null ||
+    fail "$ACCELERATE cannot run: its python ($PYTHON) lacks accelerate or torch; activate the venv that" \
+        "has the requirements (source $REPO/.venv/bin/activate) or reinstall them there (pip install -r" \
+        "$REPO/requirements.txt)"
+
 # The yaml is read by accelerate before train.py runs: check it against this topology first (and, on a worker
 # node, that the master answers) so a mistake costs seconds, not a hung or silently wrong launch. rm.validate
 # prints its own one-line errors.
-CHECK=(python -m rm.validate --accelerate_config "$CONFIG_FILE" --num_machines "$NUM_NODES"
+CHECK=("$PYTHON" -m rm.validate --accelerate_config "$CONFIG_FILE" --num_machines "$NUM_NODES"
        --num_processes "$WORLD_SIZE" --gpus_per_node "$GPUS_PER_NODE")
 if (( NODE_RANK > 0 )); then
     CHECK+=(--machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT")

@@ -19,11 +19,16 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rm.dependencies import require_supported_dependencies
+from rm.interrupts import interrupts_in_one_line
+
+if __name__ == "__main__":
+    interrupts_in_one_line("train.py")  # before torch imports (seconds): a Ctrl-C then is one line too
+
+from rm.dependencies import require_supported_dependencies  # noqa: E402
 
 require_supported_dependencies()  # a package missing or outside its range: one line, exit 2, before the imports below
 
-import torch
+import torch  # noqa: E402  (the imports below come after the lines above on purpose)
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -35,7 +40,7 @@ from rm.checkpoint import Position, agreed_checkpoint, load_checkpoint, prepare_
 from rm.config import ConfigError, TrainConfig, parse_config
 from rm.data import DataError, check_enough_pairs, load_training_data
 from rm.encoding import PairCollator, PairEncoder, encode_pairs
-from rm.evaluate import collect_rewards, evaluate, summarize_rewards
+from rm.evaluate import accuracy_note, collect_rewards, evaluate, summarize_rewards
 from rm.export import export_reward_model
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.loss import pairwise_loss, split_rewards
@@ -283,6 +288,8 @@ def finish(run: Run, step: int) -> dict[str, Any]:
             final.update({f"eval/{k}": v for k, v in summarize_rewards(*eval_rewards).items()})
             reward_stats = {"mean": final["eval/reward_mean"], "std": final["eval/reward_std"]}  # for rm.score
             accelerator.log({k: v for k, v in final.items() if k != "step"}, step=step)
+            if note := accuracy_note(final):
+                run.log(note)
         except Exception as err:  # noqa: BLE001  (the trained model matters more than its final numbers)
             run.log(f"final evaluation failed ({type(err).__name__}: {err}); exporting the model without it")
     train_logs = [h for h in run.history if "train/loss" in h]
@@ -345,14 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
-    except TrainingStopped as err:
+    except TrainingStopped as err:  # a requested stop (checkpoint saved) is no error; a non-finite step is
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {err}" if err.is_error else str(err), file=sys.stderr)
         code = err.exit_code
-    except KeyboardInterrupt as err:  # a signal before training, or a second one during it
+    except KeyboardInterrupt as err:  # a signal before training, or a second one during it: asked for, no error
         name = str(err) or "SIGINT"
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: stopped at once by {name}; output_dir keeps what was complete before it (resume with "
+            print(f"stopped at once by {name}; output_dir keeps what was complete before it (resume with "
                   "--resume_from_checkpoint latest where a checkpoint exists)", file=sys.stderr)
         return 128 + (signal.SIGTERM if "SIGTERM" in name else signal.SIGINT)
     finally:

@@ -2,7 +2,10 @@
 
 import sys
 
-from rm.cli.bench import main
+from rm.interrupts import interrupts_in_one_line
 
 if __name__ == "__main__":
+    interrupts_in_one_line("rm.bench")  # first: Ctrl-C while the tool imports torch is one line too
+    from rm.cli.bench import main
+
     sys.exit(main())

@@ -1,18 +1,21 @@
 """Reading preference data: one reader for every source, one bad-record policy, the train/eval split.
 
-Sources: a .jsonl/.json/.parquet file (.ndjson and .jsonlines read as .jsonl; suffix in any case), a directory of
-them (hidden folders and files skipped, other files named in the log, symlinked folders followed), or a datasets hub
-name ('owner/name'). A JSON array is read whole, whatever the suffix. `.txt` files (one text per line) are read for
-rm.score. JSON lines are split on '\\n' only: a JSON string may hold U+2028 or U+0085, which str.splitlines() would
-cut. A UTF-8 byte-order mark is accepted. Each record becomes a `Pair` through rm/layouts.py (one layout per file,
-fixed by its first record: `FileLayout`); a bad record raises `DataError` naming file:line and field, or, with
-`skip_bad=True`, is dropped and counted. Train, validate and score all read through `read_pairs`.
+Sources: a .jsonl/.json/.parquet/.csv/.tsv file (.ndjson and .jsonlines read as .jsonl; suffix in any case), a
+directory of them (hidden folders and files skipped, other files named in the log, symlinked folders followed), or
+a datasets hub name ('owner/name'). A JSON array is read whole, whatever the suffix. CSV/TSV: a header row of field
+names, then one record per row. `.txt` files (one text per line) are read for rm.score. JSON lines are split on
+'\\n' only: a JSON string may hold U+2028 or U+0085, which str.splitlines() would cut. A UTF-8 byte-order mark is
+accepted. Each record becomes a `Pair` through rm/layouts.py (one layout per file, fixed by its first record:
+`FileLayout`); a bad record raises `DataError` naming file:line and field, or, with `skip_bad=True`, is dropped and
+counted. Train, validate and score all read through `read_pairs`.
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
 import hashlib
+import io
 import json
 import os
 import random
@@ -23,9 +26,10 @@ from typing import Any, Callable, Iterator
 
 from rm.config import ConfigError, TrainConfig
 from rm.hub import dataset_snapshot, is_hub_name
-from rm.layouts import DataError, FileLayout, OutOfRange, Pair, check_pair
+from rm.layouts import SKIP_HINT, DataError, FileLayout, OutOfRange, Pair, check_pair
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".ndjson", ".jsonlines")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".ndjson", ".jsonlines", ".csv", ".tsv")
+DELIMITERS = {".csv": ",", ".tsv": "\t"}  # tables: a header row of field names, then one record per row
 EMBEDDED_TRAIN = "data/sample/train.jsonl"  # TrainConfig's default train_file_dir, found from any directory
 EMBEDDED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 NO_EVALUATION = "none"  # validation_file_dir value that turns evaluation off
@@ -157,6 +161,9 @@ def _file_records(path: Path, cache_dir: str | None) -> Iterator[Record]:
         for i, row in enumerate(table):
             yield f"{path}:row {i + 1}", row
         return
+    if suffix in DELIMITERS:
+        yield from _table_records(path, DELIMITERS[suffix])
+        return
     raw = path.read_bytes()
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
@@ -191,6 +198,49 @@ def _file_records(path: Path, cache_dir: str | None) -> Iterator[Record]:
                 record = _one_document(raw, where) or record
             first = False
             yield where, record
+
+
+def _table_records(path: Path, delimiter: str) -> Iterator[Record]:
+    """A CSV/TSV file (csv module quoting; a field may span lines): its header row names the fields, each later
+    row is one record. A `margin` cell is read as a number; the other cells stay text."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        yield str(path), DataError(str(path), f"invalid UTF-8 at byte {err.start}")
+        return
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)  # rows end at \n or \r only
+    header: list[str] | None = None
+    line = 1  # where the next row starts
+    try:
+        for row in reader:
+            where, line = f"{path}:{line}", reader.line_num + 1
+            if not row:
+                continue  # a blank line
+            if header is None:
+                header = row
+                if len(set(header)) != len(header) or not all(name.strip() for name in header):
+                    yield where, DataError(where, f"the header row must name every column once, got {header}")
+                    return
+            elif len(row) != len(header):
+                yield where, DataError(where, f"{len(row)} columns, but the header row has {len(header)} "
+                                              f"({delimiter!r}-separated; quote a cell that holds one)")
+            else:
+                record = dict(zip(header, row))
+                if "margin" in record:
+                    record["margin"] = _number(record["margin"])
+                yield where, record
+    except csv.Error as err:
+        yield f"{path}:{line}", DataError(f"{path}:{line}", f"malformed {path.suffix.lower()[1:].upper()}: {err}")
+
+
+def _number(cell: str) -> float | str | None:
+    """A table cell as a number (empty: None); text that is not one stays text, for the layout to refuse."""
+    if not cell.strip():
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
 
 
 def _one_document(raw: bytes, where: str) -> DataError | None:
@@ -255,7 +305,7 @@ def read_pairs(location: str, split: str = "train", cache_dir: str | None = None
                 pair = layout.pair(record, where)
                 pair.source = where
                 if for_training:
-                    check_pair(pair)
+                    check_pair(pair, hint="" if skip_bad else SKIP_HINT)
             except DataError as err:
                 if not skip_bad:
                     raise

@@ -8,6 +8,7 @@ A compiled model is evaluated eagerly: evaluation shapes would otherwise compile
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -86,10 +87,37 @@ def collect_rewards(accelerator: Accelerator, model: torch.nn.Module, pairs: Any
     return local[:, 0], local[:, 1], local[:, 2]
 
 
+FEW_EVAL_PAIRS = 100  # below this, the accuracy comes with its 95% interval: 10 pairs cannot tell 0.3 from 0.9 apart
+
+
+def wilson_interval(correct: float, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion correct/total (sound at 0, at 1 and for few trials)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z / (1 + z * z / total) * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def summarize_rewards(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> dict[str, float]:
+    """Eval metrics; on fewer than FEW_EVAL_PAIRS pairs also accuracy_ci95_low / _high (Wilson)."""
     metrics = reward_metrics(chosen, rejected, margin)
     metrics["pairs"] = float(chosen.numel())
+    if 0 < chosen.numel() < FEW_EVAL_PAIRS:
+        correct = round(metrics["accuracy"] * chosen.numel())
+        metrics["accuracy_ci95_low"], metrics["accuracy_ci95_high"] = wilson_interval(correct, chosen.numel())
     return metrics
+
+
+def accuracy_note(final: dict[str, float]) -> str | None:
+    """The log's sentence for a final eval accuracy measured on few pairs; None when there are enough."""
+    if "eval/accuracy_ci95_low" not in final:
+        return None
+    return (f"eval accuracy {final['eval/accuracy']:.3f} on {int(final['eval/pairs'])} pairs: 95% interval "
+            f"{final['eval/accuracy_ci95_low']:.2f}-{final['eval/accuracy_ci95_high']:.2f} "
+            f"(Wilson); fewer than {FEW_EVAL_PAIRS} pairs tell only large differences apart (--max_eval_samples, "
+            "--validation_file_dir)")
 
 
 def evaluate(accelerator: Accelerator, model: torch.nn.Module, pairs: Any, max_tokens: int) -> dict[str, float]:

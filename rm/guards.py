@@ -24,10 +24,14 @@ RESUME_FLAG = "--resume_from_checkpoint"
 
 class TrainingStopped(RuntimeError):
     exit_code = 1
+    is_error = True  # printed as `error: ...`
 
 
 class TrainingInterrupted(TrainingStopped):
+    """A requested stop (a signal, the checkpoint saved): what was asked for, so not printed as an error."""
+
     exit_code = EXIT_INTERRUPTED
+    is_error = False
 
 
 class NonFiniteError(TrainingStopped):

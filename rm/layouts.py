@@ -38,6 +38,7 @@ class Pair:
     margin: float = 0.0
     tools: list | None = None  # tool definitions, handed to the chat template
     source: str = field(default="", compare=False)  # "file:line", for messages
+    reply_in: str = field(default="", compare=False)  # where the replies sit in their fields, for messages
 
 
 # --------------------------------------------------------------------------------------------- field checks
@@ -227,6 +228,7 @@ def _trl(record: dict, where: str) -> Pair:
         return messages[:-1], _reply(messages, key, where)
 
     (chosen_context, chosen), (rejected_context, rejected) = side("chosen"), side("rejected")
+    reply_in = "" if isinstance(record.get("chosen"), str) else "the last message of "
     if chosen_context != rejected_context:
         raise DataError(where, "fields 'chosen' and 'rejected' must share every message but the last")
     prompt_value = record.get("prompt")
@@ -236,17 +238,22 @@ def _trl(record: dict, where: str) -> Pair:
         prompt += chosen_context  # explicit prompt + multi-turn chosen: rare, keep the turns
     elif is_hh_transcript(chosen) and is_hh_transcript(rejected):
         prompt, chosen, rejected = _hh_implicit_prompt(chosen, rejected, where)
+        reply_in = "the last Assistant reply of "
     else:
         prompt = chosen_context  # may be empty: a prompt-less pair
-    return Pair(prompt, chosen, rejected, _margin(record, where))
+    return Pair(prompt, chosen, rejected, _margin(record, where), reply_in=reply_in)
 
 
-def check_pair(pair: Pair) -> None:
-    """What a layout may hold but training cannot use (scoring still reads such records)."""
+SKIP_HINT = " (pass --skip_bad_records true to drop such pairs)"
+
+
+def check_pair(pair: Pair, hint: str = SKIP_HINT) -> None:
+    """What a layout may hold but training cannot use (scoring still reads such records). `hint` ends the message
+    of an empty reply; rm.data passes "" when such records are being skipped already."""
     for side in ("chosen", "rejected"):
         if not getattr(pair, side).strip():
-            raise DataError(pair.source, f"field {side!r} is empty: nothing to rank for training (pass "
-                                         "--skip_bad_records true to drop such pairs)")
+            raise DataError(pair.source, f"{pair.reply_in}field {side!r} is empty: nothing to rank for training"
+                                         + hint)
     if pair.chosen.strip() == pair.rejected.strip():
         raise DataError(pair.source, "fields 'chosen' and 'rejected' are identical: the pair states no preference")
 

@@ -2,7 +2,10 @@
 
 import sys
 
-from rm.cli.validate import main
+from rm.interrupts import interrupts_in_one_line
 
 if __name__ == "__main__":
+    interrupts_in_one_line("rm.validate")  # first: Ctrl-C while the tool imports torch is one line too
+    from rm.cli.validate import main
+
     sys.exit(main())

@@ -57,10 +57,28 @@ def test_hh_rlhf_transcripts_from_the_real_file_have_an_implicit_prompt():
 
 
 def test_training_refuses_an_empty_reply_with_the_skip_hint_and_skips_it_when_asked():
-    with pytest.raises(DataError, match=r"hh_harmless_27.jsonl:25: field 'chosen' is empty.*--skip_bad_records"):
+    """The transcript in 'chosen' is not empty, its last Assistant reply is: the message says which. Once the flag
+    is given, the summary of the dropped records does not repeat the hint to give it."""
+    with pytest.raises(DataError, match=r"hh_harmless_27.jsonl:25: the last Assistant reply of field 'chosen' is "
+                                        r"empty.*--skip_bad_records"):
         read_file(DATA / "hh_harmless_27.jsonl")
-    _, pairs = read_file(DATA / "hh_harmless_27.jsonl", skip_bad=True)
+    logged = []
+    pairs = read_pairs(str(DATA / "hh_harmless_27.jsonl"), skip_bad=True, log=logged.append)
     assert len(pairs) == 26
+    summary = [line for line in logged if line.startswith("skip_bad_records: dropped 1 bad records")]
+    assert len(summary) == 1 and "the last Assistant reply of field 'chosen' is empty" in summary[0]
+    assert "--skip_bad_records true" not in summary[0], summary[0]
+
+
+def test_an_empty_last_message_is_named_as_such(tmp_path):
+    convo = [{"role": "user", "content": "q"}]
+    f = write_jsonl(tmp_path / "trl.jsonl", [
+        {"chosen": convo + [{"role": "assistant", "content": "a"}],
+         "rejected": convo + [{"role": "assistant", "content": "b"}]},
+        {"chosen": convo + [{"role": "assistant", "content": "a"}],
+         "rejected": convo + [{"role": "assistant", "content": " "}]}])
+    with pytest.raises(DataError, match=r"trl.jsonl:2: the last message of field 'rejected' is empty"):
+        read_file(f)
 
 
 def test_prompt_less_pairs_are_read(tmp_path):
@@ -160,7 +178,7 @@ def test_invalid_utf8_names_the_line(tmp_path):
 
 
 def test_empty_directory_and_missing_path(tmp_path):
-    with pytest.raises(DataError, match="no .jsonl/.json/.parquet/.ndjson/.jsonlines files"):
+    with pytest.raises(DataError, match="no .jsonl/.json/.parquet/.ndjson/.jsonlines/.csv/.tsv files"):
         read_pairs(str(tmp_path))
     with pytest.raises(DataError, match="no such file"):
         read_pairs(str(tmp_path / "nope.jsonl"))
@@ -318,10 +336,42 @@ def test_a_json_array_is_read_whole_whatever_the_suffix_and_one_json_object_is_e
 def test_a_corrupt_parquet_file_is_named_and_other_files_of_a_directory_are_logged(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [PROMPTED])
     write_jsonl(tmp_path / "b.ndjson", [PROMPTED])
-    (tmp_path / "extra.csv").write_text("prompt,chosen,rejected\n")
+    (tmp_path / "extra.xlsx").write_text("prompt,chosen,rejected\n")
     logged = []
     assert len(read_pairs(str(tmp_path), log=logged.append)) == 2
-    assert f"{tmp_path}: skipped 1 files that are not" in logged[0] and "extra.csv" in logged[0], logged
+    assert f"{tmp_path}: skipped 1 files that are not" in logged[0] and "extra.xlsx" in logged[0], logged
     (tmp_path / "c.parquet").write_text(json.dumps(PROMPTED) + "\n")  # JSON lines under a .parquet name
     with pytest.raises(DataError, match=r"c.parquet: not a readable Parquet file \(ArrowInvalid"):
         read_pairs(str(tmp_path), log=lambda m: None)
+
+
+def test_csv_and_tsv_files_are_read_with_their_header_as_field_names(tmp_path):
+    (tmp_path / "pairs.csv").write_text('prompt,chosen,rejected,margin\n"Say hi, politely",Hello!,go away,1.5\n'
+                                        '\nq2,"a reply\nover two lines",meh,\n', encoding="utf-8")
+    layout, pairs = read_file(tmp_path / "pairs.csv")
+    assert layout == "trl" and [(p.prompt[0]["content"], p.chosen, p.rejected, p.margin) for p in pairs] == [
+        ("Say hi, politely", "Hello!", "go away", 1.5), ("q2", "a reply\nover two lines", "meh", 0.0)]
+    assert pairs[1].source.endswith("pairs.csv:4")
+    (tmp_path / "legacy.tsv").write_text("question\tresponse_chosen\tresponse_rejected\nq\tgood\tbad\n")
+    layout, [pair] = read_file(tmp_path / "legacy.tsv")
+    assert layout == "medicalgpt_legacy" and (pair.chosen, pair.rejected) == ("good", "bad")
+    assert len(read_pairs(str(tmp_path), log=lambda m: None)) == 3  # a directory reads its tables too
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prompt,chosen,rejected\np,a,b\np,a,b,extra\n", "bad.csv:3: 4 columns, but the header row has 3"),
+    ("prompt,chosen,rejected\np,a,b\np,a\n", "bad.csv:3: 2 columns, but the header row has 3"),
+    ("prompt,chosen,chosen\np,a,b\n", "bad.csv:1: the header row must name every column once"),
+    ("prompt,chosen,rejected,margin\np,a,b,lots\n", "bad.csv:2: field 'margin' must be a number"),
+    ("prompt,chosen,rejected\np,a,\n", "bad.csv:2: field 'rejected' is empty"),
+    ("prompt,chosen,rejected\np,a,b\n\n", None),
+])
+def test_a_bad_table_row_names_file_and_line(tmp_path, text, message):
+    f = tmp_path / "bad.csv"
+    f.write_text(text)
+    if message is None:
+        assert len(read_file(f)[1]) == 1
+        return
+    with pytest.raises(DataError) as err:
+        read_file(f)
+    assert message in str(err.value), str(err.value)

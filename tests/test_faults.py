@@ -88,7 +88,7 @@ def test_bad_train_data_stops_before_training_and_writes_nothing(tmp_path, run_m
 
 def test_empty_and_missing_data_directories(tmp_path, run_main):
     (tmp_path / "empty").mkdir()
-    for location, message in ((tmp_path / "empty", "no .jsonl/.json/.parquet/.ndjson/.jsonlines files"),
+    for location, message in ((tmp_path / "empty", "no .jsonl/.json/.parquet/.ndjson/.jsonlines/.csv/.tsv files"),
                               (tmp_path / "missing", "no such file or directory")):
         code, err = run_main("--train_file_dir", location, "--output_dir", tmp_path / "out")
         assert code == 2 and str(location) in err and message in err, err

@@ -91,6 +91,32 @@ def test_numbers_with_leading_zeros_are_read_in_base_10():
                                         "--num_processes")] == ["2", "1", "29500", "16"]
 
 
+def test_help_prints_the_usage_from_the_scripts_header():
+    proc = launch("--help")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("Multi-node, multi-GPU reward-model training")
+    assert "bash torchrun_multi_node_multi_gpu.sh [zero_stage] [num_nodes] [gpus_per_node]" in proc.stdout
+    assert "RM_DRY_RUN=1" in proc.stdout and "set -euo" not in proc.stdout and "\n# " not in proc.stdout
+
+
+def test_an_accelerate_missing_from_path_is_one_line_before_the_banner(tmp_path):
+    """Without an activated venv it printed its banner, then `exec: accelerate: not found` (exit 127)."""
+    env = {**launcher_env(), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(["bash", str(SCRIPT), "2", "1", "2"], env=env, capture_output=True, text=True, timeout=60)
+    refused_in_one_line(proc, "accelerate is not on PATH")
+    assert "activate" in proc.stderr and "ZeRO stage" not in proc.stdout
+
+
+def test_an_accelerate_that_cannot_run_is_one_line_naming_its_python(tmp_path):
+    """An `accelerate` whose venv was moved or deleted (its python is gone) is found before anything starts."""
+    (tmp_path / "accelerate").write_text("#!/gone/venv/bin/python3\n")
+    (tmp_path / "accelerate").chmod(0o755)
+    env = {**launcher_env(), "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    proc = subprocess.run(["bash", str(SCRIPT), "2", "1", "2"], env=env, capture_output=True, text=True, timeout=60)
+    refused_in_one_line(proc, f"{tmp_path}/accelerate cannot run: its python (/gone/venv/bin/python3) lacks "
+                              "accelerate or torch; activate the venv")
+
+
 def test_errors_when_the_config_it_needs_is_missing(tmp_path):
     shutil.copy(SCRIPT, tmp_path)
     shutil.copytree(ROOT / "accelerate_configs", tmp_path / "accelerate_configs")
@@ -344,3 +370,14 @@ def test_validate_a_worker_takes_the_masters_address_from_the_yaml(capsys, tmp_p
             f"main_process_ip: 127.0.0.1\nmain_process_port: {port}\n")
         assert validate(capsys, "--machine_rank", "1", "--connect_timeout", "5", yaml_text=yaml_text,
                         tmp_path=tmp_path) == (0, "")
+
+
+def test_validate_says_what_it_checked_on_success(capsys):
+    """It printed nothing: a user could not tell a check that passed from one that did not run."""
+    config = str(ROOT / "accelerate_configs/zero2_1node.yaml")
+    assert validate_main(["--accelerate_config", config, "--num_machines", "1", "--num_processes", "2",
+                          "--gpus_per_node", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.count("\n") == 1, out + err
+    assert out.startswith(f"ok: {config}: DeepSpeed ZeRO-2, 1 machine(s), 2 processes (= nodes x 2 GPUs per node), "
+                          "machine rank 0; counts, ranks and ports in range"), out

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from rm.loss import pair_statistics, pairwise_loss, reward_metrics, split_rewards
@@ -60,3 +61,17 @@ def test_metrics_against_hand_computed_values():
 def test_pair_statistics_are_sums():
     s = pair_statistics(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
     assert s["pairs"].item() == 2 and s["correct"].item() == 1 and s["margin"].item() == 0.0
+
+
+def test_wilson_interval_by_hand_and_only_for_few_pairs():
+    """3 of 10 and 9 of 10 correct: intervals that overlap (10 pairs cannot tell 0.3 from 0.9 apart for sure)."""
+    from rm.evaluate import summarize_rewards, wilson_interval
+
+    assert wilson_interval(3, 10) == pytest.approx((0.1078, 0.6032), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    chosen = torch.tensor([1.0] * 9 + [-1.0])
+    few = summarize_rewards(chosen, torch.zeros(10), torch.zeros(10))
+    assert few["accuracy"] == 0.9 and (few["accuracy_ci95_low"], few["accuracy_ci95_high"]) == wilson_interval(9, 10)
+    many = summarize_rewards(torch.ones(100), torch.zeros(100), torch.zeros(100))
+    assert "accuracy_ci95_low" not in many

@@ -1,9 +1,15 @@
 """rm.plan: parameter counts against real models, the memory formulas on hand-computed cases, recommendations."""
 
 import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from rm.config import TrainConfig
 from rm.cli.plan import (PRESETS, PlanError, Setup, Shape, Workload, activation_bytes, estimate, load_shape, main,
                      model_state_bytes, recommend, tokens_per_micro_batch)
@@ -134,11 +140,61 @@ def test_offload_recommendation_states_host_memory_and_commands_fit_the_topology
     full = next(line for line in out.splitlines() if line.startswith("full fine-tuning:"))
     host = float(full.split("needs ~")[1].split(" GiB of host memory on every node")[0])
     assert "zero3_offload.yaml" in full and 1100 < host < 1300  # bf16 weights + fp32 states of 70B over 8 GPUs
-    assert "<rank>" not in out and "<master_addr>" not in out  # one node: nothing to fill in
+    assert "NODE_RANK" not in out and "MASTER_ADDR" not in out  # one node: nothing to fill in
     assert "torchrun_multi_node_multi_gpu.sh 3 1 8 localhost 29500" in out
     assert main(["--model", "llama-3-70b", "--nodes", "2", "--packing", "no"]) == 0
     two_nodes = capsys.readouterr().out
-    assert "NODE_RANK=<rank>" in two_nodes and "--machine_rank <rank> --main_process_ip <master_addr>" in two_nodes
+    assert '--machine_rank "${NODE_RANK:?export NODE_RANK=' in two_nodes
+    assert '--main_process_ip "${MASTER_ADDR:?export MASTER_ADDR=' in two_nodes
+
+
+def printed_commands(out: str) -> list[str]:
+    return [line.strip() for line in out.splitlines() if line.startswith("    ")]
+
+
+def test_the_printed_commands_run_as_printed(capsys):
+    """They said MODEL_PATH and no data: now the preset's hub name and the embedded sample, named as the data to
+    replace; multi-node ones take NODE_RANK and MASTER_ADDR from the environment and stop, saying so, without.
+    The launcher's commands run for real up to its dry run (RM_DRY_RUN=1); an `accelerate launch` one is parsed by
+    accelerate's own parser, and its train.py flags by train.py's."""
+    from accelerate.commands.launch import launch_command_parser
+
+    from rm.config import parse_config
+
+    env = {**os.environ, "RM_DRY_RUN": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("NODE_RANK", None), env.pop("MASTER_ADDR", None)
+
+    def run(command: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", command], cwd=ROOT, env={**env, **extra}, capture_output=True,
+                              text=True, timeout=120)
+
+    def train_args(argv: list[str]) -> list[str]:
+        return argv[[i for i, arg in enumerate(argv) if arg.endswith("train.py")][0] + 1:]
+
+    assert main(["--model", "qwen3-8b", "--gpus-per-node", "2", "--gpu-memory", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "replace --train_file_dir data/sample/train.jsonl with your data" in out
+    commands = printed_commands(out)
+    assert any(c.startswith("bash ") for c in commands) and any(c.startswith("accelerate ") for c in commands)
+    for command in commands:
+        assert "--model_name_or_path Qwen/Qwen3-8B --train_file_dir data/sample/train.jsonl" in command
+        if command.startswith("bash "):
+            proc = run(command)
+            assert proc.returncode == 0, proc.stderr  # the launcher's checks pass; it prints what it would run
+            argv = shlex.split(proc.stdout.splitlines()[-1])
+        else:
+            argv = shlex.split(command)
+            assert launch_command_parser().parse_args(argv[2:]).training_script == "train.py"
+        parse_config(train_args(argv))
+    assert main(["--model", "qwen3-8b", "--nodes", "2", "--gpus-per-node", "2", "--gpu-memory", "80"]) == 0
+    command = printed_commands(capsys.readouterr().out)[-1]
+    assert command.startswith("NODE_RANK=")
+    proc = run(command)
+    assert proc.returncode != 0 and "MASTER_ADDR: export MASTER_ADDR=the address of node 0" in proc.stderr
+    proc = run(command, MASTER_ADDR="10.0.0.1")
+    assert proc.returncode != 0 and "NODE_RANK: export NODE_RANK=the rank of this node" in proc.stderr
+    proc = run(command, NODE_RANK="0", MASTER_ADDR="10.0.0.1")
+    assert proc.returncode == 0 and "--main_process_ip 10.0.0.1" in proc.stdout, proc.stderr
 
 
 def test_help_shows_defaults_and_packing_parses_booleans(capsys):

@@ -19,6 +19,7 @@ def test_quickstart_learns_and_exports(tmp_path):
     proc, metrics, info = run_train(out, *QUICK)
     final = metrics["final"]
     assert final["eval/accuracy"] > 0.9 and final["eval/pairs"] == 100
+    assert "eval/accuracy_ci95_low" not in final  # 100 pairs and more: the accuracy alone
     assert info["num_processes"] == 1 and info["total_steps"] == 75
     for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "training_config.json",
                  "metrics.json"):
@@ -62,6 +63,11 @@ def test_the_default_data_is_found_from_any_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     train_data = json.loads((tmp_path / "out/checkpoint-1/train_data.json").read_text())
     assert list(train_data["files"]) == ["train.jsonl"] and (tmp_path / "out/model").is_dir()
+    # 4 eval pairs: the accuracy comes with its 95% interval, in the log and in metrics.json
+    final = json.loads((tmp_path / "out/metrics.json").read_text())["final"]
+    low, high = final["eval/accuracy_ci95_low"], final["eval/accuracy_ci95_high"]
+    assert final["eval/pairs"] == 4 and 0 <= low <= final["eval/accuracy"] <= high <= 1 and high - low > 0.4
+    assert f"on 4 pairs: 95% interval {low:.2f}-{high:.2f} (Wilson)" in proc.stdout, proc.stdout[-3000:]
 
 
 def test_existing_output_dir_is_refused(tmp_path):

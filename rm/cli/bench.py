@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from rm.cli import OneLineParser
 from rm.cli.plan import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,7 +206,7 @@ def run_config(name: str, packing: bool, model_dir: Path, data: str, args: argpa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny", choices=["tiny", "qwen3-0.6b"],
                         help="random weights of this shape (the tiny tokenizer either way)")
     parser.add_argument("--train_file", default=str(ROOT / "data" / "sample" / "train.jsonl"))

@@ -71,6 +71,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                         num_key_value_heads=8, vocab_size=152064, qkv_bias=True),
 }
 
+# The hub model each preset describes, so a printed command runs as it is (network or a filled HF cache; the Llama
+# repositories are gated: `hf auth login` after accepting their licence).
+HUB_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M", "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+             "qwen3-1.7b": "Qwen/Qwen3-1.7B", "qwen3-4b": "Qwen/Qwen3-4B", "qwen3-8b": "Qwen/Qwen3-8B",
+             "qwen3-14b": "Qwen/Qwen3-14B", "qwen3-32b": "Qwen/Qwen3-32B", "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+             "llama-2-13b": "meta-llama/Llama-2-13b-hf", "llama-3-70b": "meta-llama/Meta-Llama-3-70B",
+             "qwen2.5-72b": "Qwen/Qwen2.5-72B"}
+SAMPLE_DATA = "data/sample/train.jsonl"  # train.py's default: the printed commands run on it until replaced
+# multi-node commands read these from the environment, and stop at once, saying so, while they are unset
+NODE_RANK = '"${NODE_RANK:?export NODE_RANK=the rank of this node, 0 on the master}"'
+MASTER_ADDR = '"${MASTER_ADDR:?export MASTER_ADDR=the address of node 0}"'
+
 
 class PlanError(ValueError):
     """The model shape cannot be read."""
@@ -274,15 +286,19 @@ def size_advice(parameters: int) -> str:
 
 
 def launch_command(setup: Setup, num_nodes: int, gpus_per_node: int, model: str, lora: bool) -> str:
-    model = model if Path(model).exists() else "MODEL_PATH"  # a preset name is no loadable model
-    flags = f"--model_name_or_path {model} --use_peft {str(lora).lower()} --gradient_checkpointing true"
+    """A command that runs as printed from the repository root: the model folder, or the preset's hub name; the
+    embedded sample as the data (the user replaces it); on several nodes NODE_RANK and MASTER_ADDR from the
+    environment."""
+    model = HUB_NAMES.get(model, model)
+    flags = (f"--model_name_or_path {model} --train_file_dir {SAMPLE_DATA} --use_peft {str(lora).lower()} "
+             "--gradient_checkpointing true")
     if setup.zero_stage in (1, 2, 3) and not setup.offload_optimizer and not setup.offload_params:
         if num_nodes == 1:
             return f"bash torchrun_multi_node_multi_gpu.sh {setup.zero_stage} 1 {gpus_per_node} localhost 29500 {flags}"
-        return (f"NODE_RANK=<rank> bash torchrun_multi_node_multi_gpu.sh {setup.zero_stage} {num_nodes} "
-                f"{gpus_per_node} <master_addr> 29500 {flags}")
+        return (f"NODE_RANK={NODE_RANK} bash torchrun_multi_node_multi_gpu.sh {setup.zero_stage} {num_nodes} "
+                f"{gpus_per_node} {MASTER_ADDR} 29500 {flags}")
     world = num_nodes * gpus_per_node
-    nodes = (f" --num_machines {num_nodes} --machine_rank <rank> --main_process_ip <master_addr>"
+    nodes = (f" --num_machines {num_nodes} --machine_rank {NODE_RANK} --main_process_ip {MASTER_ADDR}"
              if num_nodes > 1 else "")
     return (f"accelerate launch --config_file accelerate_configs/{setup.yaml} --num_processes {world}{nodes} "
             f"train.py {flags}")
@@ -322,6 +338,10 @@ def report(model: str, shape: Shape, args: argparse.Namespace, cfg: TrainConfig)
                      f"(~{result['total']:.1f} GiB per GPU" + (f"; needs ~{host:.0f} GiB of host memory on every "
                                                             "node for the offloaded states" if host else "") + ")")
         lines.append(f"    {launch_command(setup, args.nodes, args.gpus_per_node, model, lora is not None)}")
+    lines += ["", f"The commands run as printed from the repository root, on the embedded sample: replace "
+              f"--train_file_dir {SAMPLE_DATA} with your data (README: Your data)."
+              + (" A hub name needs network or a filled HF cache." if model in HUB_NAMES else "")
+              + (" Export NODE_RANK and MASTER_ADDR on every node first." if args.nodes > 1 else "")]
     return "\n".join(lines)
 
 

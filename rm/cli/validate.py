@@ -8,7 +8,7 @@ machine rank outside 0..num_machines-1, a port outside 1..65535, a timeout that 
 zero stage not 1/2/3, a DeepSpeed section or json that is not a mapping, gradient accumulation set in the yaml or its
 DeepSpeed json, num_processes not nodes x GPUs, on a worker node (machine rank > 0) no master address to check or the
 master unreachable within the timeout. A topology value left off the command line is the yaml's, as for
-`accelerate launch`.
+`accelerate launch`. On success it prints one line: the launch it checked and what was checked.
 """
 
 from __future__ import annotations
@@ -211,7 +211,32 @@ def main(argv: list[str] | None = None) -> int:
         problems += worker_problems(args)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
+    if not problems:
+        print(what_was_checked(args))
     return 2 if problems else 0
+
+
+def what_was_checked(args: argparse.Namespace) -> str:
+    """The one line printed on success: the launch as accelerate will see it, and what was checked."""
+    config, _ = read_accelerate_config(args.accelerate_config)
+
+    def value(name: str) -> Any:
+        given = getattr(args, name)
+        return given if given is not None else config.get(name, ACCELERATE_DEFAULTS.get(name))
+
+    kind = str(config.get("distributed_type", "NO"))
+    kind = "no distributed training (NO)" if kind == "NO" else kind
+    deepspeed = config.get("deepspeed_config") or {}
+    if kind == "DEEPSPEED":
+        stage = deepspeed.get("zero_stage")
+        kind = f"DeepSpeed ZeRO-{stage}" if stage is not None else "DeepSpeed (ZeRO stage 1/2/3 in its json)"
+    gpus = f" (= nodes x {args.gpus_per_node} GPUs per node)" if args.gpus_per_node is not None else ""
+    rank = _as_int(value("machine_rank")) or 0
+    master = (f"; master {args.main_process_ip or config.get('main_process_ip')}:"
+              f"{value('main_process_port')} answers" if rank else "")
+    return (f"ok: {args.accelerate_config}: {kind}, {value('num_machines')} machine(s), {value('num_processes')} "
+            f"processes{gpus}, machine rank {rank}{master}; counts, ranks and ports in range, no gradient "
+            "accumulation set in the yaml")
 
 
 if __name__ == "__main__":
