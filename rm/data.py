@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from rm.config import ConfigError, TrainConfig
+from rm.config import ConfigError, TrainConfig, hub_cache_dir
 from rm.layouts import DataError, FileLayout, Pair, check_pair
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".ndjson", ".jsonlines")
@@ -242,7 +242,7 @@ def load_training_data(cfg: TrainConfig, log: Log) -> tuple[list[Pair], list[Pai
     Eval data: validation_file_dir; unset, the embedded eval file next to the embedded train file, else a held-out
     split of the train data; None when evaluation is off."""
     def read(location: str, split: str) -> list[Pair]:
-        return read_pairs(location, split, cfg.cache_dir, cfg.skip_bad_records, log=log)
+        return read_pairs(location, split, hub_cache_dir(cfg.cache_dir), cfg.skip_bad_records, log=log)
 
     train = read(train_location(cfg.train_file_dir), "train")
     evaluation = None
