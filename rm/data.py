@@ -16,7 +16,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from rm.config import ConfigError, TrainConfig, hub_cache_dir
 from rm.layouts import DataError, FileLayout, Pair, check_pair
@@ -100,35 +100,50 @@ def _file_records(path: Path, cache_dir: str | None) -> Iterator[Record]:
         for i, row in enumerate(table):
             yield f"{path}:row {i + 1}", row
         return
-    raw = path.read_bytes()
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    if suffix != ".txt" and raw.lstrip().startswith(b"["):  # one JSON array (.json or .jsonl): parsed whole
-        text = _decode(raw, str(path))
-        if isinstance(text, DataError):
-            yield str(path), text
+    with path.open("rb") as file:  # JSON lines are read one at a time: a large file is never held whole
+        start = len(codecs.BOM_UTF8) if file.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+        file.seek(start)
+        array = suffix != ".txt" and _first_byte(file) == b"["
+        file.seek(start)
+        if not array:
+            yield from _line_records(path, suffix, file)
             return
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            yield f"{path}:{err.lineno}", DataError(f"{path}:{err.lineno}", f"malformed JSON: {err.msg}")
-            return
-        except RecursionError:
-            yield str(path), DataError(str(path), "JSON nested too deeply")
-            return
-        for i, row in enumerate(rows, start=1):
-            yield f"{path}:record {i}", row
+        raw = file.read()
+    text = _decode(raw, str(path))  # one JSON array (.json or .jsonl): parsed whole
+    if isinstance(text, DataError):
+        yield str(path), text
         return
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        yield f"{path}:{err.lineno}", DataError(f"{path}:{err.lineno}", f"malformed JSON: {err.msg}")
+        return
+    except RecursionError:
+        yield str(path), DataError(str(path), "JSON nested too deeply")
+        return
+    for i, row in enumerate(rows, start=1):
+        yield f"{path}:record {i}", row
+
+
+def _first_byte(file: BinaryIO) -> bytes:
+    """The first byte that is not ASCII whitespace (b"" for a blank file)."""
+    while block := file.read(1 << 16):
+        if block := block.lstrip():
+            return block[:1]
+    return b""
+
+
+def _line_records(path: Path, suffix: str, file: BinaryIO) -> Iterator[Record]:
     first = True
-    for number, line in enumerate(raw.split(b"\n"), start=1):  # JSON lines (or .txt lines)
+    for number, line in enumerate(file, start=1):  # JSON lines (or .txt lines): split on b"\n" only
         where = f"{path}:{number}"
-        text = _decode(line, where)
+        text = _decode(line.removesuffix(b"\n"), where)
         if isinstance(text, DataError):
             yield where, text
         elif text.strip():
             record = {"text": text.rstrip("\r")} if suffix == ".txt" else _parse_json(text, where)
             if first and isinstance(record, DataError):
-                record = _one_document(raw, where) or record
+                record = _one_document(path.read_bytes().removeprefix(codecs.BOM_UTF8), where) or record
             first = False
             yield where, record
 
