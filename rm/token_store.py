@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -114,6 +115,7 @@ def _build(cfg: TrainConfig, encoder: PairEncoder, folder: str, log: Log, show_p
         lines.append(message)
         log(message)
 
+    started = time.perf_counter()
     train_pairs, eval_pairs = load_training_data(cfg, record)
     os.makedirs(folder, exist_ok=True)
     counts: dict[str, int | None] = {"train": None, "eval": None}
@@ -121,6 +123,9 @@ def _build(cfg: TrainConfig, encoder: PairEncoder, folder: str, log: Log, show_p
         if pairs:
             counts[name] = len(encode_pairs(pairs, encoder, name, show_progress=show_progress, log=record,
                                             path=os.path.join(folder, f"{name}.arrow")))
+    seconds = time.perf_counter() - started
+    read = len(train_pairs) + len(eval_pairs or [])
+    log(f"data: {read} pairs read and tokenized in {seconds:.1f} s ({read / seconds:.0f} pairs/s)")
     meta = {**counts, "log": lines, "written": datetime.datetime.now().isoformat(timespec="seconds")}
     Path(folder, META).write_text(json.dumps(meta, ensure_ascii=False))
 

@@ -175,3 +175,20 @@ def test_two_processes_on_one_machine_tokenize_once(tmp_path):
     assert len(tokenized) == 1 and tokenized[0].startswith("[process 0]"), outputs[0]
     assert not any(TOKENIZED in line for line in outputs[1].splitlines()) and LOADED in outputs[1], outputs[1]
     assert len(entries(tmp_path / "cache")) == 1
+
+
+def test_bad_data_found_by_the_tokenizing_process_stops_every_process(tmp_path):
+    """Only the local main process reads the data now: its refusal must reach the process waiting for it (no hang
+    until the collective times out), and the line naming file:line is printed."""
+    import subprocess
+
+    data = write_pairs(tmp_path / "train.jsonl", 40)
+    with open(data, "a") as f:
+        f.write('{"prompt": "Q?", "chosen": "Yes.", "rejected": null}\n')
+    cmd, env = train_command(tmp_path / "out", "--model_name_or_path", "tiny", "--train_file_dir", data,
+                             "--report_to", "none", processes=2, port=29733)
+    env["RM_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert f"error: {data}:41: field 'rejected' must be" in proc.stderr, proc.stderr[-3000:]
+    assert "the first process says why" in proc.stderr and entries(tmp_path / "cache") == []
