@@ -41,11 +41,11 @@ from rm.model import (RewardModel, apply_lora, check_model_sources, compile_deco
 from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, write_json
 from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
-from rm.token_store import token_sets
 from rm.run_lock import hold_output_dir, remove_later_checkpoints, remove_previous_run
 from rm.runtime import (build_optimizer, build_scheduler, check_accelerator_settings, check_launch_environment,
                         describe_run, make_accelerator, model_dtype, optimizer_steps, peak_learning_rates,
                         resolve_mixed_precision, seconds_since_launch, shut_down_process_groups, zero_stage)
+from rm.token_store import token_sets
 
 # torch deprecations of calls inside DeepSpeed (not ours)
 warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*")
