@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 from rm.attention import enable_varlen_attention, varlen_available
 from rm.batching import build_train_loader, is_placeholder, micro_batches_per_process, model_inputs
 from rm.checkpoint import Position, agreed_checkpoint, load_checkpoint, prepare_output_dir, save_checkpoint
-from rm.config import ConfigError, TrainConfig, parse_config
-from rm.data import DataError, check_enough_pairs, load_training_data
-from rm.encoding import PairCollator, PairEncoder, encode_pairs
+from rm.config import ConfigError, TrainConfig, hub_cache_dir, parse_config
+from rm.data import DataError, check_enough_pairs
+from rm.encoding import PairCollator, PairEncoder
 from rm.evaluate import accuracy_note, collect_rewards, evaluate, summarize_rewards
 from rm.export import export_reward_model
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
@@ -54,6 +54,7 @@ from rm.run_lock import hold_output_dir, remove_later_checkpoints, remove_previo
 from rm.runtime import (build_optimizer, build_scheduler, check_accelerator_settings, check_launch_environment,
                         describe_run, make_accelerator, model_dtype, optimizer_steps, peak_learning_rates,
                         resolve_mixed_precision, seconds_since_launch, shut_down_process_groups, zero_stage)
+from rm.token_store import token_sets
 
 # torch deprecations of calls inside DeepSpeed (not ours)
 warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*")
@@ -94,15 +95,12 @@ def setup(cfg: TrainConfig) -> Run:
     check_accelerator_settings(cfg, uses_deepspeed=stage > 0)
 
     # ---- tokenizer and data: validated and tokenized once, before the model costs any memory
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.cache_dir)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, hub_cache_dir(cfg.cache_dir))
     encoder = PairEncoder(tokenizer, cfg.max_source_length, cfg.max_target_length, cfg.reward_position)
+    # every record checked (rm/data.py) and tokenized once per machine, or loaded from the token cache
+    announce = lambda message: tqdm.write(f"[process {accelerator.process_index}] {message}")  # noqa: E731
     duplicates: dict[str, int] = {}  # counts of repeated pairs, for run_info.json
-    train_pairs, eval_pairs = load_training_data(cfg, log, duplicates)  # every record checked (rm/data.py)
-    with accelerator.main_process_first():
-        show = accelerator.is_main_process
-        train_set = encode_pairs(train_pairs, encoder, cfg.cache_dir, "train", show_progress=show, log=log)
-        eval_set = encode_pairs(eval_pairs, encoder, cfg.cache_dir, "eval", show_progress=show, log=log) \
-            if eval_pairs else None
+    train_set, eval_set = token_sets(cfg, encoder, accelerator, log, announce, duplicates)
     if eval_set is not None and len(eval_set) == 0:
         log("evaluation: off (every eval pair became identical after truncation)")
         eval_set = None
@@ -169,8 +167,8 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any, log:
     """The reward model as this run trains it: backbone, packed-row attention, checkpointing, LoRA, compile (on or
     off and why, from rm.model.compile_requested). Returns it with what was chosen (for run_info.json)."""
     stage = zero_stage(accelerator)
-    backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft), cfg.cache_dir,
-                             accelerator)
+    backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft),
+                             hub_cache_dir(cfg.cache_dir), accelerator)
     if cfg.disable_dropout:
         log(f"dropout: off ({disable_dropout(backbone)} dropout layers and settings set to 0; --disable_dropout false)")
     if varlen_available(accelerator.device) and accelerator.mixed_precision == "bf16":

@@ -162,8 +162,14 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
 
 
-def pair_token_counts(train_set: Any) -> list[int]:
-    return [len(c) + len(r) for c, r in zip(train_set["chosen_input_ids"], train_set["rejected_input_ids"])]
+def pair_token_counts(pairs: Any) -> list[int]:
+    """len(chosen) + len(rejected) of every pair of a datasets.Dataset, read from its Arrow list offsets (no token id
+    is loaded: memory-mapped ids stay on disk)."""
+    import pyarrow.compute as pc
+
+    table = pairs.with_format("arrow")[:]
+    return pc.add(pc.list_value_length(table["chosen_input_ids"]),
+                  pc.list_value_length(table["rejected_input_ids"])).to_pylist()
 
 
 def build_train_loader(train_set: Any, collator: Any, batch_size: int, gradient_accumulation_steps: int,

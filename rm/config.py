@@ -23,6 +23,14 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 
+NO_CACHE = "none"  # --cache_dir value that turns the token cache off
+
+
+def hub_cache_dir(cache_dir: str | None) -> str | None:
+    """The folder handed to transformers / datasets for hub downloads: --cache_dir, or their default."""
+    return None if cache_dir is None or cache_dir.strip().lower() == NO_CACHE else cache_dir
+
+
 class ConfigError(ValueError):
     """A setting is missing, unknown or invalid; raised before any model or data is loaded."""
 
@@ -58,7 +66,9 @@ class TrainConfig:
     validation_file_dir: Optional[str] = field(default=None, metadata={
         "help": "Eval data (same forms as train_file_dir). Unset: the embedded sample's eval file with the embedded "
                 "train file, else a held-out split of the train data; 'none': no evaluation."})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache for tokenized data and hub downloads."})
+    cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "Cache for tokenized data and hub downloads. Unset: token ids in $RM_CACHE_DIR, else ~/.cache/rm "
+                "(rm/token_store.py), hub downloads where transformers puts them; 'none': no token cache."})
     max_source_length: int = field(default=1024, metadata={"help": "Prompt tokens kept (its end is kept)."})
     max_target_length: int = field(default=256, metadata={"help": "Response tokens kept (end-of-turn kept)."})
     reward_position: Literal["template_end", "eos"] = field(default="template_end", metadata={
@@ -161,7 +171,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "target_modules": (lambda v: all(m.strip() for m in v.split(",")), "'all' or comma-separated module names"),
     "train_file_dir": (_non_empty, "a file, a directory or a hub data set name"),
     "validation_file_dir": (_non_empty, "a file, a directory, a hub name or 'none'"),
-    "cache_dir": (_non_empty, "a directory"),
+    "cache_dir": (_non_empty, "a directory or 'none'"),
     "max_source_length": (_positive, "> 0"),
     "max_target_length": (_positive, "> 0"),
     "max_train_samples": (lambda v: v == -1 or v > 0, "> 0, or -1 for all"),

@@ -22,9 +22,9 @@ import random
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
-from rm.config import ConfigError, TrainConfig
+from rm.config import ConfigError, TrainConfig, hub_cache_dir
 from rm.hub import dataset_snapshot, is_hub_name
 from rm.layouts import SKIP_HINT, DataError, FileLayout, OutOfRange, Pair, check_pair
 
@@ -164,38 +164,53 @@ def _file_records(path: Path, cache_dir: str | None) -> Iterator[Record]:
     if suffix in DELIMITERS:
         yield from _table_records(path, DELIMITERS[suffix])
         return
-    raw = path.read_bytes()
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    if suffix != ".txt" and raw.lstrip().startswith(b"["):  # one JSON array (.json or .jsonl): parsed whole
-        text = _decode(raw, str(path))
-        if isinstance(text, DataError):
-            yield str(path), text
+    with path.open("rb") as file:  # JSON lines are read one at a time: a large file is never held whole
+        start = len(codecs.BOM_UTF8) if file.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+        file.seek(start)
+        array = suffix != ".txt" and _first_byte(file) == b"["
+        file.seek(start)
+        if not array:
+            yield from _line_records(path, suffix, file)
             return
-        try:
-            rows = _DECODER.decode(text)
-        except json.JSONDecodeError as err:
-            yield f"{path}:{err.lineno}", DataError(f"{path}:{err.lineno}", f"malformed JSON: {err.msg}")
-            return
-        except DuplicateKeyError:
-            yield from _array_records(text, path)
-            return
-        except RecursionError:
-            yield str(path), DataError(str(path), "JSON nested too deeply")
-            return
-        for i, row in enumerate(rows, start=1):
-            yield f"{path}:record {i}", row
+        raw = file.read()
+    text = _decode(raw, str(path))  # one JSON array (.json or .jsonl): parsed whole
+    if isinstance(text, DataError):
+        yield str(path), text
         return
+    try:
+        rows = _DECODER.decode(text)
+    except json.JSONDecodeError as err:
+        yield f"{path}:{err.lineno}", DataError(f"{path}:{err.lineno}", f"malformed JSON: {err.msg}")
+        return
+    except DuplicateKeyError:
+        yield from _array_records(text, path)
+        return
+    except RecursionError:
+        yield str(path), DataError(str(path), "JSON nested too deeply")
+        return
+    for i, row in enumerate(rows, start=1):
+        yield f"{path}:record {i}", row
+
+
+def _first_byte(file: BinaryIO) -> bytes:
+    """The first byte that is not ASCII whitespace (b"" for a blank file)."""
+    while block := file.read(1 << 16):
+        if block := block.lstrip():
+            return block[:1]
+    return b""
+
+
+def _line_records(path: Path, suffix: str, file: BinaryIO) -> Iterator[Record]:
     first = True
-    for number, line in enumerate(raw.split(b"\n"), start=1):  # JSON lines (or .txt lines)
+    for number, line in enumerate(file, start=1):  # JSON lines (or .txt lines): split on b"\n" only
         where = f"{path}:{number}"
-        text = _decode(line, where)
+        text = _decode(line.removesuffix(b"\n"), where)
         if isinstance(text, DataError):
             yield where, text
         elif text.strip():
             record = {"text": text.rstrip("\r")} if suffix == ".txt" else _parse_json(text, where)
             if first and isinstance(record, DataError):
-                record = _one_document(raw, where) or record
+                record = _one_document(path.read_bytes().removeprefix(codecs.BOM_UTF8), where) or record
             first = False
             yield where, record
 
@@ -414,7 +429,7 @@ def load_training_data(cfg: TrainConfig, log: Log,
     split of the train data (disjoint by content); None when evaluation is off. `facts` (for run_info.json) gets
     the duplicate counts: duplicate_pairs (in the train data), held_out_copies_dropped, eval_pairs_also_in_train."""
     def read(location: str, split: str) -> list[Pair]:
-        return read_pairs(location, split, cfg.cache_dir, cfg.skip_bad_records, log=log)
+        return read_pairs(location, split, hub_cache_dir(cfg.cache_dir), cfg.skip_bad_records, log=log)
 
     facts = {} if facts is None else facts
     train = read(train_location(cfg.train_file_dir), "train")

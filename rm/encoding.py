@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import socket
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, get_args, get_type_hints
 
 import torch
@@ -38,7 +36,6 @@ from rm.config import ConfigError, TrainConfig
 from rm.data import read_pairs
 from rm.layouts import DataError, Pair
 
-ENCODING_VERSION = 2  # bump when the rules above change, so cached token ids are not reused
 REWARD_POSITIONS = get_args(get_type_hints(TrainConfig)["reward_position"])  # the setting's one list
 _PROBE_PROMPT = [{"role": "user", "content": "Question"}]
 _PROBE_RESPONSE = "Answer"
@@ -116,6 +113,17 @@ class PairEncoder:
     def _ids(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"] if text or special else []
 
+    def _many_ids(self, texts: list[str], special: bool = False) -> list[list[int]]:
+        """_ids of many texts in one tokenizer call (a fast tokenizer encodes the batch in Rust threads)."""
+        rows: list[list[int]] = [[] for _ in texts]
+        wanted = [i for i, text in enumerate(texts) if text or special]
+        if wanted:
+            ids = self.tokenizer([texts[i] for i in wanted], add_special_tokens=special, return_attention_mask=False,
+                                 return_token_type_ids=False)["input_ids"]
+            for i, row in zip(wanted, ids):
+                rows[i] = row
+        return rows
+
     def text_ids(self, text: str) -> list[int]:
         """Token ids of text that starts a sequence: special tokens added only when no chat template wrote them."""
         return self._ids(text, special=not self.has_template)
@@ -127,37 +135,71 @@ class PairEncoder:
             ids = ids[: ids.index(eos) + 1] if eos in ids else ids + [eos]
         return ids[: self.max_target_length]
 
-    def _prompt_ids(self, prompt_text: str, stats: Counter) -> list[int]:
-        ids = self.text_ids(prompt_text)
+    def _cut_prompt(self, ids: list[int], stats: Counter) -> list[int]:
         if len(ids) > self.max_source_length:
             stats["prompt_cut"] += 1
             return ids[-self.max_source_length:]
         return ids
 
-    def _response_ids(self, text: str, end_text: str, stats: Counter) -> list[int]:
-        body, end_ids = self._ids(text), self._end_ids(end_text)
+    def _cut_response(self, body: list[int], end_ids: list[int], stats: Counter) -> list[int]:
         budget = self.max_target_length - len(end_ids)
         if len(body) > budget:
             body = body[:budget]
             stats["response_cut"] += 1
         return body + end_ids
 
-    def encode(self, pair: Pair) -> tuple[dict[str, Any] | None, Counter]:
-        """Token ids of one pair, or None when it is dropped; the counter says what was cut or dropped."""
-        stats: Counter = Counter()
+    def _render_pair(self, pair: Pair) -> tuple[str, str, str, str, str]:
+        """(prompt, chosen, chosen's end-of-turn, rejected, rejected's end-of-turn) texts of one pair."""
         try:
-            prompt_text, chosen_text, end_text = self.render(pair.prompt, pair.chosen, pair.tools)
+            prompt_text, chosen_text, chosen_end = self.render(pair.prompt, pair.chosen, pair.tools)
             _, rejected_text, rejected_end = self.render(pair.prompt, pair.rejected, pair.tools)
         except TemplateError as err:  # e.g. "conversation roles must alternate user/assistant"
             raise DataError(pair.source, f"the tokenizer's chat template refuses this conversation "
                                          f"({type(err).__name__}: {err})") from None
-        prompt_ids = self._prompt_ids(prompt_text, stats)
-        sides = [prompt_ids + self._response_ids(text, end, stats)
-                 for text, end in ((chosen_text, end_text), (rejected_text, rejected_end))]
+        return prompt_text, chosen_text, chosen_end, rejected_text, rejected_end
+
+    def _assemble(self, prompt_ids: list[int], chosen: list[int], rejected: list[int], margin: float,
+                  stats: Counter) -> dict[str, Any] | None:
+        sides = [prompt_ids + chosen, prompt_ids + rejected]
         if sides[0] == sides[1]:
             stats["dropped_identical"] += 1
-            return None, stats
-        return {"chosen_input_ids": sides[0], "rejected_input_ids": sides[1], "margin": pair.margin}, stats
+            return None
+        return {"chosen_input_ids": sides[0], "rejected_input_ids": sides[1], "margin": margin}
+
+    def encode(self, pair: Pair) -> tuple[dict[str, Any] | None, Counter]:
+        """Token ids of one pair, or None when it is dropped; the counter says what was cut or dropped."""
+        stats: Counter = Counter()
+        prompt_text, chosen_text, chosen_end, rejected_text, rejected_end = self._render_pair(pair)
+        prompt_ids = self._cut_prompt(self.text_ids(prompt_text), stats)
+        chosen = self._cut_response(self._ids(chosen_text), self._end_ids(chosen_end), stats)
+        rejected = self._cut_response(self._ids(rejected_text), self._end_ids(rejected_end), stats)
+        return self._assemble(prompt_ids, chosen, rejected, pair.margin, stats), stats
+
+    def render_many(self, pairs: list[Pair]) -> list[tuple[str, str, str, str, str]]:
+        """_render_pair of every pair: the Python half of encode_many (rendering holds the GIL)."""
+        return [self._render_pair(pair) for pair in pairs]
+
+    def tokenize_many(self, rendered: list[tuple[str, str, str, str, str]]) -> tuple[list, list, list]:
+        """(prompt ids, chosen body ids, rejected body ids) of rendered pairs, in three batched tokenizer calls
+        (the tokenizer releases the GIL: this half can run in a thread beside render_many)."""
+        prompts = self._many_ids([r[0] for r in rendered], special=not self.has_template)
+        return prompts, self._many_ids([r[1] for r in rendered]), self._many_ids([r[3] for r in rendered])
+
+    def assemble_many(self, pairs: list[Pair], rendered: list[tuple[str, str, str, str, str]],
+                      tokenized: tuple[list, list, list], stats: Counter) -> list[dict[str, Any] | None]:
+        """What encode gives each pair (stats summed into `stats`), from render_many and tokenize_many."""
+        end_ids: dict[str, list[int]] = {}  # a template has one or two end-of-turn texts: tokenized once each
+        for text in {r[2] for r in rendered} | {r[4] for r in rendered}:
+            end_ids[text] = self._end_ids(text)
+        return [self._assemble(self._cut_prompt(prompt, stats),
+                               self._cut_response(chosen, end_ids[r[2]], stats),
+                               self._cut_response(rejected, end_ids[r[4]], stats), pair.margin, stats)
+                for pair, r, prompt, chosen, rejected in zip(pairs, rendered, *tokenized)]
+
+    def encode_many(self, pairs: list[Pair], stats: Counter) -> list[dict[str, Any] | None]:
+        """encode of every pair (identical ids), with batched tokenizer calls."""
+        rendered = self.render_many(pairs)
+        return self.assemble_many(pairs, rendered, self.tokenize_many(rendered), stats)
 
     def encode_response(self, prompt: list[dict[str, str]] | str, response: str,
                         tools: list | None = None) -> list[int]:
@@ -168,82 +210,78 @@ class PairEncoder:
         else:
             prompt_text, response_text, end_text = self.render(prompt, response, tools)
         stats: Counter = Counter()
-        return self._prompt_ids(prompt_text, stats) + self._response_ids(response_text, end_text, stats)
+        return (self._cut_prompt(self.text_ids(prompt_text), stats)
+                + self._cut_response(self._ids(response_text), self._end_ids(end_text), stats))
 
 
-def _fingerprint(pairs: list[Pair], encoder: PairEncoder) -> str:
-    """The token cache key: the pairs, the encoding settings and the tokenizer's content (a tokenizer edited in
-    place keeps its name and length: its whole tokenizer.json, or its vocabulary, is hashed)."""
+def tokenizer_identity(encoder: PairEncoder) -> list[Any]:
+    """What the token ids depend on besides the pairs: the encoding settings and the tokenizer's content (a
+    tokenizer edited in place keeps its name and length: its whole tokenizer.json, or its vocabulary, is hashed)."""
     tok = encoder.tokenizer
     backend = getattr(tok, "backend_tokenizer", None)  # vocab, merges, normalizer, added tokens, post-processor
     content = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
-    digest = hashlib.sha256()
-    header = [ENCODING_VERSION, tok.name_or_path, len(tok), tok.chat_template or "",
-              encoder.max_source_length, encoder.max_target_length, encoder.reward_position,
-              hashlib.sha256(content.encode()).hexdigest(), tok.special_tokens_map]
-    digest.update(json.dumps(header, default=str).encode())
-    for p in pairs:
-        digest.update(json.dumps([p.prompt, p.chosen, p.rejected, p.margin, p.tools], ensure_ascii=False).encode())
-    return digest.hexdigest()[:16]
+    return [tok.name_or_path, len(tok), tok.chat_template or "", encoder.max_source_length,
+            encoder.max_target_length, encoder.reward_position, hashlib.sha256(content.encode()).hexdigest(),
+            tok.special_tokens_map]
 
 
-def encode_pairs(pairs: list[Pair], encoder: PairEncoder, cache_dir: str | None = None, name: str = "data",
-                 show_progress: bool = True, log: Callable[[str], None] = print) -> "datasets.Dataset":
-    """Tokenizes every pair once (cached in cache_dir when given) and logs how many were cut or dropped."""
+CHUNK_PAIRS = 2048  # pairs per tokenizer call and per Arrow record batch
+
+
+def _record_batch(rows: list[dict[str, Any]]) -> "pyarrow.RecordBatch":
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int32())
+    return pa.record_batch([pa.array([r["chosen_input_ids"] for r in rows], type=ids),
+                            pa.array([r["rejected_input_ids"] for r in rows], type=ids),
+                            pa.array([r["margin"] for r in rows], type=pa.float64())],
+                           names=["chosen_input_ids", "rejected_input_ids", "margin"])
+
+
+def encode_pairs(pairs: list[Pair], encoder: PairEncoder, name: str = "data", show_progress: bool = True,
+                 log: Callable[[str], None] = print, path: str | None = None) -> "datasets.Dataset":
+    """Tokenizes every pair (as PairEncoder.encode does, in batches: the next chunk renders while the tokenizer
+    encodes this one) and logs how many were cut or dropped. With `path` the ids are written there as an Arrow file
+    and memory-mapped (the process's memory does not grow with the data); without, they are kept in memory."""
     import datasets
+    import pyarrow as pa
 
-    cache_path = None
-    if cache_dir:
-        cache_path = os.path.join(cache_dir, f"tokenized-{name}-{_fingerprint(pairs, encoder)}")
-        cached = _load_cached(cache_path, log)
-        if cached is not None:
-            log(f"{name}: {len(cached)} pairs loaded from the token cache {cache_path}")
-            return cached
-    rows: dict[str, list] = {"chosen_input_ids": [], "rejected_input_ids": [], "margin": []}
+    schema = _record_batch([]).schema
+    batches: list[pa.RecordBatch] = []
+    sink = pa.OSFile(path, "wb") if path else None
+    writer = pa.ipc.new_stream(sink, schema) if sink else None
     totals: Counter = Counter()
+    kept = 0
+
+    def finish(chunk: list[Pair], rendered: list, tokenizing: Future) -> None:
+        nonlocal kept
+        rows = [row for row in encoder.assemble_many(chunk, rendered, tokenizing.result(), totals) if row is not None]
+        batch = _record_batch(rows)
+        writer.write_batch(batch) if writer else batches.append(batch)
+        kept += len(rows)
+        progress.update(len(chunk))
+
     # disable=None: tqdm draws no bar when stderr is not a terminal (captured logs get the summary line only)
-    for pair in tqdm(pairs, desc=f"Tokenizing {name}", disable=None if show_progress else True):
-        encoded_pair, stats = encoder.encode(pair)
-        totals.update(stats)
-        if encoded_pair is not None:
-            for key in rows:
-                rows[key].append(encoded_pair[key])
+    with ThreadPoolExecutor(1) as tokenizer_thread, tqdm(total=len(pairs), desc=f"Tokenizing {name}",
+                                                         disable=None if show_progress else True) as progress:
+        pending = None
+        for start in range(0, len(pairs), CHUNK_PAIRS):
+            chunk = pairs[start:start + CHUNK_PAIRS]
+            rendered = encoder.render_many(chunk)
+            tokenizing = tokenizer_thread.submit(encoder.tokenize_many, rendered)
+            if pending:
+                finish(*pending)
+            pending = chunk, rendered, tokenizing
+        if pending:
+            finish(*pending)
     log(f"{name}: read {len(pairs)} pairs, prompt truncated in {totals['prompt_cut']}, "
         f"responses truncated {totals['response_cut']} times, dropped {totals['dropped_identical']} "
-        f"(identical after truncation), kept {len(rows['margin'])}")
-    encoded = datasets.Dataset.from_dict(rows)
-    if cache_path:
-        _publish(encoded, cache_path)
-    return encoded
-
-
-def _load_cached(cache_path: str, log: Callable[[str], None]) -> "datasets.Dataset | None":
-    """The cached token ids, or None: not cached, or a cache that does not load (written by an older version that
-    saved in place and was killed mid-save): removed, to be rebuilt."""
-    import datasets
-
-    if not os.path.isdir(cache_path):
-        return None
-    try:
-        return datasets.load_from_disk(cache_path)
-    except Exception as err:  # noqa: BLE001  (whatever a damaged cache raises, tokenizing again is the answer)
-        log(f"warning: the token cache {cache_path} does not load ({type(err).__name__}: {err}); tokenizing again")
-        shutil.rmtree(cache_path, ignore_errors=True)
-        return None
-
-
-def _publish(encoded: "datasets.Dataset", cache_path: str) -> None:
-    """Saves next to cache_path, then renames into place: a reader never sees a half-written cache, whether the
-    writer is killed or another job (a sweep sharing cache_dir, another node's ranks on their own disk) writes the
-    same cache at the same moment. The first rename wins; a later writer discards its own copy."""
-    draft = f"{cache_path}.tmp-{socket.gethostname()}-{os.getpid()}"
-    encoded.save_to_disk(draft)
-    try:
-        os.rename(draft, cache_path)
-    except OSError:
-        if not os.path.isdir(cache_path):
-            raise
-        shutil.rmtree(draft, ignore_errors=True)
+        f"(identical after truncation), kept {kept}")
+    if writer:
+        writer.close()
+        sink.close()
+        return datasets.Dataset.from_file(path)
+    return datasets.Dataset(datasets.table.InMemoryTable(pa.Table.from_batches(batches, schema)))
 
 
 def pad_rows(rows: list[list[int]], pad_token_id: int,
@@ -278,8 +316,8 @@ class PairCollator:
 def build_dataset(location: str, encoder: PairEncoder, max_samples: int | None, name: str,
                   cache_dir: str | None = None, show_progress: bool = True,
                   log: Callable[[str], None] = print) -> "datasets.Dataset":
-    """Read, validate, cap at max_samples (None or -1: all), tokenize."""
+    """Read, validate, cap at max_samples (None or -1: all), tokenize (in memory). cache_dir: for hub downloads."""
     pairs = read_pairs(location, "train" if name == "train" else "validation", cache_dir, log=log)
     if max_samples is not None and max_samples >= 0:
         pairs = pairs[:max_samples]
-    return encode_pairs(pairs, encoder, cache_dir=cache_dir, name=name, show_progress=show_progress, log=log)
+    return encode_pairs(pairs, encoder, name=name, show_progress=show_progress, log=log)

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from rm.batching import KeyedPairs, PackedPairCollator, model_inputs
+from rm.batching import KeyedPairs, PackedPairCollator, model_inputs, pair_token_counts
 from rm.loss import reward_metrics, split_rewards
 
 
@@ -58,7 +58,7 @@ def eager(model: torch.nn.Module) -> Iterator[None]:
 def collect_rewards(accelerator: Accelerator, model: torch.nn.Module, pairs: Any,
                     max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen, rejected, margin) rewards of every eval pair, in the pairs' order, identical on every rank."""
-    tokens = [len(c) + len(r) for c, r in zip(pairs["chosen_input_ids"], pairs["rejected_input_ids"])]
+    tokens = pair_token_counts(pairs)
     per_process, forwards = eval_rows(tokens, max_tokens, accelerator.num_processes)
     rows = per_process[accelerator.process_index]
     keyed, collate = KeyedPairs(pairs), PackedPairCollator()

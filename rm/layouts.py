@@ -30,7 +30,7 @@ class DataError(ValueError):
         self.where = where
 
 
-@dataclass
+@dataclass(slots=True)  # no per-pair __dict__: a million pairs are held while the data is read
 class Pair:
     prompt: list[dict[str, str]]
     chosen: str

@@ -12,6 +12,13 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "RM_CACHE_DIR" not in os.environ:  # the default token cache: never the user's ~/.cache/rm; runs share it
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["RM_CACHE_DIR"] = tempfile.mkdtemp(prefix="rm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["RM_CACHE_DIR"], True)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import torch
 
 from conftest import ROOT
 from rm.data import read_pairs
-from rm.encoding import PairCollator, PairEncoder, _publish, encode_pairs
+from rm.encoding import CHUNK_PAIRS, PairCollator, PairEncoder, encode_pairs
 from rm.layouts import Pair
 
 PROMPT = [{"role": "user", "content": "How was the hotel?"}]
@@ -48,55 +48,15 @@ def test_pairs_identical_after_truncation_are_dropped(tokenizer):
     assert encoded is None and stats["dropped_identical"] == 1
 
 
-def test_encode_pairs_logs_counts_and_caches(tokenizer, tmp_path):
+def test_encode_pairs_logs_counts_and_keeps_the_ids_in_memory_or_memory_mapped(tokenizer, tmp_path):
     pairs = [Pair(PROMPT, "good", "bad"), Pair(PROMPT, "x " * 50 + "a", "x " * 50 + "b")]
     messages = []
     enc = PairEncoder(tokenizer, 1024, 8)
-    ds = encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False, log=messages.append)
+    ds = encode_pairs(pairs, enc, show_progress=False, log=messages.append)
     assert len(ds) == 1 and "read 2 pairs" in messages[0] and "dropped 1" in messages[0]
-    again = encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False, log=messages.append)
-    assert "token cache" in messages[-1] and again["chosen_input_ids"] == ds["chosen_input_ids"]
-
-
-def test_the_token_cache_is_published_whole_and_a_damaged_one_is_rebuilt(tokenizer, tmp_path, monkeypatch):
-    """Two jobs sharing cache_dir (a sweep), or two nodes' ranks on their own disks, tokenize the same data at once,
-    and a run can be killed mid-save. A reader must never find a half-written cache at the cache's path, and a
-    damaged one (older versions saved in place) costs a re-tokenization, not the run."""
-    import datasets
-
-    pairs = [Pair(PROMPT, "good", "bad"), Pair(PROMPT, "fine", "poor")]
-    enc = PairEncoder(tokenizer, 1024, 8)
-    save = datasets.Dataset.save_to_disk
-
-    def killed_mid_save(self, path, *args, **kwargs):
-        save(self, path, *args, **kwargs)
-        os.unlink(os.path.join(path, "state.json"))  # what a kill before the last file leaves
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(datasets.Dataset, "save_to_disk", killed_mid_save)
-    with pytest.raises(KeyboardInterrupt):
-        encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False)
-    assert [name for name in os.listdir(tmp_path) if ".tmp-" not in name] == []  # nothing at the cache's path
-    monkeypatch.setattr(datasets.Dataset, "save_to_disk", save)
-    for draft in tmp_path.iterdir():
-        shutil.rmtree(draft)
-
-    messages = []
-    first = encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False, log=messages.append)
-    (cache,) = os.listdir(tmp_path)
-    # a second writer of the same cache (it missed the cache too) keeps the first one's files and leaves no draft
-    _publish(datasets.Dataset.from_dict({"chosen_input_ids": [[1]], "rejected_input_ids": [[2]], "margin": [0.0]}),
-             str(tmp_path / cache))
-    assert os.listdir(tmp_path) == [cache]
-    assert encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False, log=messages.append)[
-        "chosen_input_ids"] == first["chosen_input_ids"] and "token cache" in messages[-1]
-
-    (tmp_path / cache / "state.json").write_text('{"_data_files": [')  # a damaged cache
-    again = encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False, log=messages.append)
-    assert any("does not load" in m and "tokenizing again" in m for m in messages), messages
-    assert again["chosen_input_ids"] == first["chosen_input_ids"] and os.listdir(tmp_path) == [cache]
-    encode_pairs(pairs, enc, cache_dir=str(tmp_path), show_progress=False, log=messages.append)
-    assert "loaded from the token cache" in messages[-1]
+    mapped = encode_pairs(pairs, enc, show_progress=False, log=messages.append, path=str(tmp_path / "ids.arrow"))
+    assert mapped.cache_files == [{"filename": str(tmp_path / "ids.arrow")}]
+    assert mapped.to_list() == ds.to_list() == [enc.encode(pairs[0])[0]]
 
 
 def test_collator_orders_chosen_then_rejected_and_pads_right():
@@ -245,3 +205,48 @@ def test_rendered_text_gets_no_second_bos(bos_tokenizer):
     ids = PairEncoder(bos_tokenizer, 1024, 256).text_ids(rendered)
     assert ids == hf_ids(bos_tokenizer, PROMPT + [{"role": "assistant", "content": "Fine."}])
     assert ids.count(bos_tokenizer.bos_token_id) == 1
+
+
+# --------------------------------------------------------------------------------------------- batched = per pair
+def varied_pairs() -> list[Pair]:
+    """Pairs that take every branch of the encoding: long prompts cut, long replies cut, multi-turn prompts with a
+    system turn, prompt-less pairs, empty replies, pairs identical after truncation, margins; more than one chunk."""
+    words = "the hotel was clean and quiet but the breakfast came late every single day".split()
+    pairs = []
+    for i in range(CHUNK_PAIRS + 300):
+        text = lambda n, shift=0: " ".join(words[(i + shift + k) % len(words)] for k in range(n))  # noqa: E731
+        kind = i % 6
+        if kind == 0:
+            prompt = [{"role": "user", "content": text(400)}]  # cut to its end
+        elif kind == 1:
+            prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text(5)},
+                      {"role": "assistant", "content": text(7, 3)}, {"role": "user", "content": text(4, 5)}]
+        elif kind == 2:
+            prompt = []
+        else:
+            prompt = [{"role": "user", "content": text(i % 40 + 1)}]
+        chosen = text(i % 300 + 1, 1) if kind != 4 else ""
+        rejected = chosen[: len(chosen) // 2] + " no" if kind != 5 else chosen  # kind 5: dropped unless margins
+        pairs.append(Pair(prompt, chosen, rejected if kind != 5 else chosen + " " * (i % 2), margin=float(i % 3)))
+    return pairs
+
+
+@pytest.mark.parametrize("reward_position", ["template_end", "eos"])
+@pytest.mark.parametrize("name", ["tiny", "bos", "plain"])
+def test_batched_encoding_gives_the_ids_of_encoding_pair_by_pair(name, reward_position, tokenizer, bos_tokenizer):
+    """encode_pairs (batched tokenizer calls, a tokenizer thread, Arrow int32 columns) against PairEncoder.encode,
+    pair by pair: the chat-template tokenizer, one that adds BOS itself, and one without a chat template."""
+    import copy
+
+    tok = {"tiny": tokenizer, "bos": bos_tokenizer, "plain": copy.deepcopy(tokenizer)}[name]
+    if name == "plain":
+        tok.chat_template = None
+    enc = PairEncoder(tok, max_source_length=64, max_target_length=48, reward_position=reward_position)
+    pairs = varied_pairs()
+    expected = [encoded for encoded, _ in map(enc.encode, pairs) if encoded is not None]
+    logged = []
+    batched = encode_pairs(pairs, enc, show_progress=False, log=logged.append)
+    assert batched.to_list() == expected
+    cut = [stats for _, stats in map(enc.encode, pairs)]
+    assert sum(s["prompt_cut"] for s in cut) > 0 and sum(s["response_cut"] for s in cut) > 0
+    assert f"dropped {sum(s['dropped_identical'] for s in cut)} " in logged[0] and len(expected) < len(pairs)

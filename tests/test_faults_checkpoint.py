@@ -274,31 +274,6 @@ def test_another_number_of_processes_is_refused(runs, data_dir, tmp_path, call_m
     assert snapshot(out) == before
 
 
-def test_token_cache_key_follows_the_tokenizer_content(tmp_path, tokenizer):
-    from rm.data import read_pairs
-    from rm.encoding import PairEncoder, encode_pairs
-    from rm.model import load_tokenizer
-
-    folder = tmp_path / "tok"
-    tokenizer.save_pretrained(folder)
-    pairs = read_pairs(str(ROOT / "data" / "sample" / "eval.jsonl"), log=lambda m: None)[:4]
-    logged: list[str] = []
-    first = encode_pairs(pairs, PairEncoder(load_tokenizer(str(folder)), 64, 32), str(tmp_path / "cache"),
-                         show_progress=False, log=logged.append)
-    spec = json.loads((folder / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    a, b = first[0]["chosen_input_ids"][-3], first[0]["chosen_input_ids"][-4]  # two ids this data uses
-    name_a, name_b = (next(k for k, v in vocab.items() if v == i) for i in (a, b))
-    vocab[name_a], vocab[name_b] = b, a  # same name, same length, other ids
-    (folder / "tokenizer.json").write_text(json.dumps(spec))
-    edited = load_tokenizer(str(folder))
-    assert edited.name_or_path == load_tokenizer(str(folder)).name_or_path and len(edited) == len(tokenizer)
-    second = encode_pairs(pairs, PairEncoder(edited, 64, 32), str(tmp_path / "cache"), show_progress=False,
-                          log=logged.append)
-    assert not any("loaded from the token cache" in m for m in logged), logged
-    assert second[0]["chosen_input_ids"] != first[0]["chosen_input_ids"]
-
-
 # ---- class 7: files others can read; disk full said plainly
 @pytest.mark.parametrize("kind,folders", [("plain", ["model"]), ("zero2_lora", ["model", "adapter"])])
 def test_exported_files_are_readable_whatever_the_umask(runs, kind, folders):

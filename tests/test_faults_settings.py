@@ -184,7 +184,7 @@ def signalled(*args, **kwargs):  # the signal arrives while the data is read, be
     os.kill(os.getpid(), getattr(signal, sys.argv[2]))
     raise AssertionError("the signal did not stop the run")
 
-train.load_training_data = signalled
+train.token_sets = signalled
 sys.exit(train.main(sys.argv[3:]))
 """
 
