@@ -21,6 +21,7 @@ import os
 import runpy
 import sys
 import traceback
+import warnings
 from typing import Any
 
 import torch
@@ -61,6 +62,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps counted")
     parser.add_argument("--top", type=int, default=25, help="most frequent operators listed")
     parser.add_argument("--trace", help="print where operators whose name contains this are called from")
+    parser.add_argument("--sync_debug", action="store_true",
+                        help="on CUDA, also list where the counted steps synchronize with the GPU "
+                             "(torch.cuda.set_sync_debug_mode)")
     parser.add_argument("--json", help="write the summary here too")
     args = parser.parse_args(sys.argv[1:split])
     script, *train_args = sys.argv[split + 1:]
@@ -70,8 +74,23 @@ def main() -> int:
     totals: collections.Counter[str] = collections.Counter()
     seen = {"steps": 0, "views": 0}
 
+    syncs: collections.Counter[str] = collections.Counter()
+    if args.sync_debug and torch.cuda.is_available():
+        warnings.filterwarnings("always", message=".*synchronizing CUDA operation.*")
+        shown = warnings.showwarning
+
+        def record_sync(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
+            if "synchronizing CUDA operation" in str(message):
+                syncs["".join(traceback.format_stack(limit=9)[:-2])] += 1
+            else:
+                shown(message, category, *rest, **kw)
+
+        warnings.showwarning = record_sync
+
     def on_step(optimizer: Any, *_: Any) -> None:
         seen["steps"] += 1
+        if args.sync_debug and torch.cuda.is_available():  # "warn" over the counted steps only
+            torch.cuda.set_sync_debug_mode("warn" if args.skip <= seen["steps"] < args.skip + args.steps else 0)
         if args.skip < seen["steps"] <= args.skip + args.steps:
             steps.append(step_summary(counter.counts, counter.views - seen["views"]))
             totals.update(counter.counts)
@@ -96,7 +115,10 @@ def main() -> int:
         return 1
     for stack, n in counter.traced.most_common(12):
         print(f"--- {n} calls of {args.trace} from:\n{stack}")
+    for stack, n in syncs.most_common(12):
+        print(f"--- {n / args.steps:g} syncs a step from:\n{stack}")
     summary = {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}
+    summary["syncs_per_step"] = sum(syncs.values()) / args.steps
     summary["top"] = {name: n / len(steps) for name, n in totals.most_common(args.top)}
     print("\n".join(f"{n:9.1f}  {name}" for name, n in summary["top"].items()))
     print("COUNT " + json.dumps({k: v for k, v in summary.items() if k != "top"}))
