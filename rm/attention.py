@@ -78,7 +78,18 @@ def enable_varlen_attention(model: torch.nn.Module) -> None:
     model.set_attn_implementation(VARLEN_ATTENTION)
 
 
-def packed_attention_kwargs(cu_seq_lens: torch.Tensor, max_length: int) -> dict[str, Any]:
-    """The keywords a packed row's forward passes to transformers (queries and keys share the boundaries)."""
-    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": max_length,
-            "max_length_k": max_length}
+# Handed to transformers as the attention mask of a packed row on the varlen path. Given no mask, transformers
+# derives one from the position ids (masking_utils.find_packed_sequence_indices) and reads it back to the host: a
+# host sync and ~8 launches per forward, for a mask the varlen kernel never reads (it takes cu_seq_lens). A mask
+# that is already 4D is passed to the attention function untouched, and `_varlen_attention` ignores it.
+PREPARED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+
+def packed_attention_kwargs(cu_seq_lens: torch.Tensor, max_length: int, attn_implementation: str) -> dict[str, Any]:
+    """The keywords a packed row's forward passes to transformers (queries and keys share the boundaries); on the
+    varlen path also the placeholder mask above."""
+    kwargs: dict[str, Any] = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": max_length,
+                              "max_length_k": max_length}
+    if attn_implementation == VARLEN_ATTENTION:
+        kwargs["attention_mask"] = PREPARED_MASK
+    return kwargs

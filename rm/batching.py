@@ -135,20 +135,18 @@ class PackedPairCollator:
         if not features:
             return {}  # placeholder: counts toward gradient accumulation, runs nothing
         rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
-        lengths = torch.tensor([len(r) for r in rows])
-        cu_seq_lens = torch.zeros(len(rows) + 1, dtype=torch.int32)
-        cu_seq_lens[1:] = lengths.cumsum(0)
-        starts = torch.repeat_interleave(cu_seq_lens[:-1].long(), lengths)
-        total = int(cu_seq_lens[-1])
+        lengths = [len(r) for r in rows]  # sizes from Python, not read back from tensors
+        cu_seq_lens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        starts = torch.repeat_interleave(cu_seq_lens[:-1].long(), torch.tensor(lengths), output_size=sum(lengths))
         weights = [float(f["weight"]) for f in features]
         return {
             "input_ids": torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)[None],
-            "position_ids": (torch.arange(total) - starts)[None],
+            "position_ids": (torch.arange(sum(lengths)) - starts)[None],
             "cu_seq_lens": cu_seq_lens,
-            "max_length": int(lengths.max()),
+            "max_length": max(lengths),
             "margin": torch.tensor([float(f.get("margin", 0.0)) for f in features], dtype=torch.float32),
             "pair_weight": torch.tensor(weights, dtype=torch.float32),
-            "num_tokens": torch.tensor(total),
+            "num_tokens": torch.tensor(sum(lengths)),
             "micro_batches": round(sum(weights)),  # plain micro-batches this one stands for (logged loss average)
         }
 

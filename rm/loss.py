@@ -27,11 +27,10 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Te
 
 
 def pair_statistics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-batch sums (not means) so they can be added over micro-batches and processes, then divided once."""
+    """Per-batch sums (not means) so they can be added over micro-batches and processes, then divided once. The
+    pair count is `chosen.numel()`, known on the host (a tensor of it would be a host-to-device copy per batch)."""
     chosen, rejected = chosen.detach().float(), rejected.detach().float()
-    return {"pairs": torch.tensor(float(chosen.numel()), device=chosen.device),
-            "correct": (chosen > rejected).float().sum(),
-            "margin": (chosen - rejected).sum()}
+    return {"correct": (chosen > rejected).float().sum(), "margin": (chosen - rejected).sum()}
 
 
 def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> dict[str, float]:

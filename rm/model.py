@@ -320,6 +320,7 @@ class RewardModel(nn.Module):
             last_hidden = hidden[rows, last_token_index(attention_mask)]
         else:
             hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                              **packed_attention_kwargs(cu_seq_lens, max_length)).last_hidden_state
+                              **packed_attention_kwargs(cu_seq_lens, max_length,
+                                                       seq_cls.config._attn_implementation)).last_hidden_state
             last_hidden = hidden.flatten(0, 1)[cu_seq_lens[1:].long() - 1]
         return seq_cls.score(last_hidden).squeeze(-1).float()

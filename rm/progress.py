@@ -60,26 +60,31 @@ class DataPosition:
 
 
 class MetricsWindow:
-    """Train metrics summed on the device between two log lines (no host sync per step); summed over processes and
-    turned into means and rates only when logged."""
+    """Train metrics summed between two log lines: loss, correct pairs, margin and tokens in one vector on the device
+    (one add per micro-batch, no host sync), plain micro-batches and pairs on the host, where they are known. Summed
+    over processes in one reduce and read to the host in one copy, only when logged."""
 
-    KEYS = ("loss", "micro", "pairs", "correct", "margin", "tokens")
+    DEVICE_KEYS = ("loss", "correct", "margin", "tokens")
 
     def __init__(self, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
-        self.sums = {k: torch.zeros((), device=accelerator.device) for k in self.KEYS}
+        self.device_sums = torch.zeros(len(self.DEVICE_KEYS), device=accelerator.device)
+        self.micro = 0
+        self.pairs = 0
         self.started = time.perf_counter()
 
     def add(self, batch: dict[str, Any], loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
-        for key, value in pair_statistics(chosen, rejected).items():
-            self.sums[key] += value
-        self.sums["loss"] += loss.detach().float()
-        self.sums["micro"] += batch.get("micro_batches", 1)  # plain micro-batches a packed one stands for
-        self.sums["tokens"] += batch["num_tokens"]
+        statistics = pair_statistics(chosen, rejected)
+        self.device_sums += torch.stack([loss.detach().float(), statistics["correct"], statistics["margin"],
+                                         batch["num_tokens"].float()])
+        self.micro += batch.get("micro_batches", 1)  # plain micro-batches a packed one stands for
+        self.pairs += chosen.numel()
 
     def collect(self, **extra: float) -> dict[str, float]:
         """Collective (every rank): the window's metrics, then a fresh window."""
-        totals = {k: self.accelerator.reduce(v.clone(), reduction="sum").item() for k, v in self.sums.items()}
+        counts = torch.tensor([self.micro, self.pairs], dtype=self.device_sums.dtype).to(self.device_sums.device)
+        summed = self.accelerator.reduce(torch.cat([self.device_sums, counts]), reduction="sum").tolist()
+        totals = dict(zip((*self.DEVICE_KEYS, "micro", "pairs"), summed))
         elapsed = time.perf_counter() - self.started
         metrics = {
             "train/loss": totals["loss"] / totals["micro"],
@@ -90,7 +95,7 @@ class MetricsWindow:
             "train/pairs_per_s": totals["pairs"] / elapsed,
             "train/peak_memory_gb": peak_memory_gb(self.accelerator),
         }
-        for value in self.sums.values():
-            value.zero_()
+        self.device_sums.zero_()
+        self.micro = self.pairs = 0
         self.started = time.perf_counter()
         return metrics

@@ -150,7 +150,9 @@ def model_dtype(accelerator: Accelerator, use_peft: bool) -> torch.dtype:
 
 
 def build_optimizer(model: RewardModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """torch AdamW (DeepSpeed's own Adam needs a long JIT build); fused kernels on CUDA. One group per learning rate
+    """torch AdamW (DeepSpeed's own Adam needs a long JIT build), fused: one kernel per step for all tensors of a
+    device and dtype on CUDA, and on CPU no `.item()` per tensor (the per-tensor loop reads each step count back).
+    One group per learning rate
     (the score head and LoRA's B matrices at least at their --min_*_learning_rate, the rest at --learning_rate)
     and weight decay (none on norms and biases)."""
     head, rates = {id(p) for p in model.hf_model.score.parameters()}, peak_learning_rates(cfg)
@@ -163,7 +165,7 @@ def build_optimizer(model: RewardModel, cfg: TrainConfig) -> torch.optim.Optimiz
         groups.setdefault((rates[part], decay), []).append(param)
     return torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": decay}
                               for (lr, decay), params in groups.items()], lr=cfg.learning_rate,
-                             fused=torch.cuda.is_available())
+                             fused=True)
 
 
 def peak_learning_rates(cfg: TrainConfig) -> dict[str, float]:
