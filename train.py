@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, stop_at_once)
     try:
         cfg = parse_config(argv)
-        check_model_sources(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cache_dir=cfg.cache_dir)
+        check_model_sources(cfg.model_name_or_path, cfg.tokenizer_name_or_path,
+                            cache_dir=hub_cache_dir(cfg.cache_dir))
         with hold_output_dir(cfg):  # one run per output_dir
             train(cfg)
         code = 0

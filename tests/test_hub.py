@@ -107,9 +107,11 @@ def test_rm_score_loads_an_adapter_on_a_hub_base_model(default_run, hf_home, tmp
 
 
 def test_a_dotted_hub_data_set_trains_with_the_hub_unreachable(hf_home, tmp_path):
-    """No HF_HUB_OFFLINE and no network: the cached model and data set are used, after one short probe."""
+    """No HF_HUB_OFFLINE and no network: the cached model and data set are used, after one short probe. With the
+    token cache off (--cache_dir none), the hub cache is still HF_HOME's."""
     out = tmp_path / "out"
-    proc = train(hf_home, out, "--train_file_dir", DATA_SET, "--use_peft", "false", offline=False)
+    proc = train(hf_home, out, "--train_file_dir", DATA_SET, "--use_peft", "false", "--cache_dir", "none",
+                 offline=False)
     log = proc.stdout + proc.stderr
     assert f"the hub ({UNREACHABLE}) cannot be reached" in log and "from the hub cache (offline)" in log
     assert f"{DATA_SET}[train]: 80 pairs" in log
