@@ -5,10 +5,10 @@ turns the cache off (each process then tokenizes into a private temporary folder
 `tokens-<key>` holding train.arrow, eval.arrow (when evaluating) and meta.json (the log lines the data gave).
 
 Key: the bytes of every data file read (size and sha256, as the resume check of rm/checkpoint.py sees them; a hub
-data set: its name, split and the datasets library's fingerprint of its files), the settings that choose and cap
-the pairs, the encoding settings, the tokenizer's content (rm.encoding.tokenizer_identity) and the source of the
-modules that read, split and encode (an edited reader or encoder never reuses old ids). A hit reads no record: the
-data was validated when the entry was written, from the same bytes by the same code.
+data set: its name, split and snapshot commit), the settings that choose and cap the pairs, the encoding settings,
+the tokenizer's content (rm.encoding.tokenizer_identity) and the source of the modules that read, split and encode
+(an edited reader or encoder never reuses old ids). A hit reads no record: the data was validated when the entry was
+written, from the same bytes by the same code.
 
 Processes: the local main process of each machine looks the key up and, on a miss, reads, validates, tokenizes and
 publishes the entry (written beside its place, renamed into place whole: a reader never sees half of one); the
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rm.config import NO_CACHE, ConfigError, TrainConfig, hub_cache_dir
+from rm.config import ConfigError, TrainConfig, hub_cache_dir
 from rm.data import EMBEDDED_TRAIN, NO_EVALUATION, is_hub_data_set, load_training_data, train_location
 from rm.encoding import PairEncoder, encode_pairs, tokenizer_identity
 from rm.layouts import DataError
@@ -43,7 +43,7 @@ Log = Callable[[str], None]
 def token_cache_root(cache_dir: str | None) -> str | None:
     """The folder of the token cache, or None when it is off (--cache_dir none)."""
     if cache_dir is not None:
-        return None if cache_dir.strip().lower() == NO_CACHE else cache_dir
+        return hub_cache_dir(cache_dir)  # the folder given, or None for 'none' (rm.config's one test of it)
     if os.environ.get(CACHE_ENV):
         return os.environ[CACHE_ENV]
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "rm")
@@ -55,13 +55,13 @@ def _source_identity(location: str, split: str, cache_dir: str | None) -> Any:
 
     if not is_hub_data_set(location):
         return train_data_fingerprint(location)  # missing paths raise DataError here, before any reading
-    import datasets
+    from rm.hub import dataset_snapshot
 
     try:
-        table = datasets.load_dataset(location, split=split, cache_dir=cache_dir)
-    except Exception as err:  # noqa: BLE001  (rm.data reads it next and says what is wrong)
-        return [location, split, f"unloadable: {type(err).__name__}"]
-    return [location, split, table._fingerprint]
+        snapshot = dataset_snapshot(location, cache_dir)  # the folder rm.data reads (datasets reads no cache offline)
+    except ConfigError as err:  # rm.data reads it next and says what is wrong
+        return [location, split, f"unavailable: {err}"]
+    return [location, split, snapshot.name]  # a snapshot folder is named by the repository's commit
 
 
 def cache_key(cfg: TrainConfig, encoder: PairEncoder) -> str:
@@ -128,7 +128,8 @@ def _build(cfg: TrainConfig, encoder: PairEncoder, folder: str, log: Log, show_p
     seconds = time.perf_counter() - started
     read = len(train_pairs) + len(eval_pairs or [])
     log(f"data: {read} pairs read and tokenized in {seconds:.1f} s ({read / seconds:.0f} pairs/s)")
-    meta = {**counts, "log": lines, "duplicates": duplicates, "written": datetime.datetime.now().isoformat(timespec="seconds")}
+    meta = {**counts, "log": lines, "duplicates": duplicates,
+            "written": datetime.datetime.now().isoformat(timespec="seconds")}
     Path(folder, META).write_text(json.dumps(meta, ensure_ascii=False))
 
 

@@ -106,12 +106,12 @@ def test_rm_score_loads_an_adapter_on_a_hub_base_model(default_run, hf_home, tmp
     assert rewards["adapter_config"] == pytest.approx(rewards["merged"], abs=1e-4)
 
 
-def test_a_dotted_hub_data_set_trains_with_the_hub_unreachable(hf_home, tmp_path):
-    """No HF_HUB_OFFLINE and no network: the cached model and data set are used, after one short probe. With the
-    token cache off (--cache_dir none), the hub cache is still HF_HOME's."""
+@pytest.mark.parametrize("token_cache", [[], ["--cache_dir", "none"]], ids=["token-cache", "no-token-cache"])
+def test_a_dotted_hub_data_set_trains_with_the_hub_unreachable(hf_home, tmp_path, token_cache):
+    """No HF_HUB_OFFLINE and no network: the cached model and data set are used, after one short probe, with the
+    token cache keyed by the data set's snapshot, and with it off (--cache_dir none: the hub cache stays HF_HOME's)."""
     out = tmp_path / "out"
-    proc = train(hf_home, out, "--train_file_dir", DATA_SET, "--use_peft", "false", "--cache_dir", "none",
-                 offline=False)
+    proc = train(hf_home, out, "--train_file_dir", DATA_SET, "--use_peft", "false", *token_cache, offline=False)
     log = proc.stdout + proc.stderr
     assert f"the hub ({UNREACHABLE}) cannot be reached" in log and "from the hub cache (offline)" in log
     assert f"{DATA_SET}[train]: 80 pairs" in log
