@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import runpy
 import sys
 import traceback
 import warnings
@@ -56,6 +54,8 @@ def step_summary(counts: collections.Counter[str], views: int) -> dict[str, Any]
 
 
 def main() -> int:
+    from train_under_hook import report, run_train_script  # bench/, the script's folder (this module is imported too)
+
     split = sys.argv.index("--")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip", type=int, default=2, help="optimizer steps before counting (warm-up)")
@@ -99,14 +99,8 @@ def main() -> int:
         seen["views"] = counter.views
 
     register_optimizer_step_post_hook(on_step)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    sys.argv = [script, *train_args]
-    code = 0
     with counter:
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
+        code = run_train_script(script, train_args)
     if code:
         print(f"train.py exited with {code}")
         return code
@@ -121,10 +115,7 @@ def main() -> int:
     summary["syncs_per_step"] = sum(syncs.values()) / args.steps
     summary["top"] = {name: n / len(steps) for name, n in totals.most_common(args.top)}
     print("\n".join(f"{n:9.1f}  {name}" for name, n in summary["top"].items()))
-    print("COUNT " + json.dumps({k: v for k, v in summary.items() if k != "top"}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+    report("COUNT", {k: v for k, v in summary.items() if k != "top"}, summary, args.json)
     return 0
 
 

@@ -14,9 +14,6 @@ The profiler adds a few microseconds per operator, so wall times here are above 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import runpy
 import sys
 import time
 from typing import Any
@@ -74,6 +71,8 @@ def summarize(prof: Any, step_walls: list[float]) -> dict[str, Any]:
 
 
 def main() -> int:
+    from train_under_hook import report, run_train_script  # bench/, the script's folder
+
     split = sys.argv.index("--")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip", type=int, default=8, help="optimizer steps before recording (warm-up)")
@@ -99,23 +98,17 @@ def main() -> int:
                                                    for j in range(max(1, args.skip - 3), args.skip)])
 
     register_optimizer_step_post_hook(on_step)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    sys.argv = [script, *train_args]
     prof.start()
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            print(f"train.py exited with {exit_.code}")
+    code = run_train_script(script, train_args)
+    if code:
+        print(f"train.py exited with {code}")
     summary = done.get("summary")
     if summary is None:
         print("profile: too few optimizer steps")
         return 1
     print(summary.pop("top_cpu"), summary.pop("top_gpu"), sep="\n")
-    print("PROFILE " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+    report("PROFILE", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}, summary,
+           args.json)
     return 0
 
 
