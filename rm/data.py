@@ -7,11 +7,13 @@ names, then one record per row. `.txt` files (one text per line) are read for rm
 '\\n' only: a JSON string may hold U+2028 or U+0085, which str.splitlines() would cut. A UTF-8 byte-order mark is
 accepted. Each record becomes a `Pair` through rm/layouts.py (one layout per file, fixed by its first record:
 `FileLayout`); a bad record raises `DataError` naming file:line and field, or, with `skip_bad=True`, is dropped and
-counted. Train, validate and score all read through `read_pairs`.
+counted. Train, validate and score all read through `iter_pairs`; training holds a 16-byte hash per train pair and
+reads the data a second time to tokenize it (`PairStream`).
 """
 
 from __future__ import annotations
 
+import array
 import codecs
 import csv
 import hashlib
@@ -22,7 +24,7 @@ import random
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from rm.config import ConfigError, TrainConfig, hub_cache_dir
 from rm.hub import dataset_snapshot, is_hub_name
@@ -305,12 +307,13 @@ def read_records(location: str, split: str = "train", cache_dir: str | None = No
 
 
 # --------------------------------------------------------------------------------------------- pairs
-def read_pairs(location: str, split: str = "train", cache_dir: str | None = None, skip_bad: bool = False,
-               for_training: bool = True, log: Log = print) -> list[Pair]:
-    """Every pair at `location`. A bad record raises DataError (file:line: field), or with skip_bad is dropped and
-    counted, the first few named. for_training also refuses what training cannot use (rm.layouts.check_pair)."""
-    pairs: list[Pair] = []
+def iter_pairs(location: str, split: str = "train", cache_dir: str | None = None, skip_bad: bool = False,
+               for_training: bool = True, log: Log = print) -> Iterator[Pair]:
+    """Every pair at `location`, one at a time. A bad record raises DataError (file:line: field), or with skip_bad
+    is dropped and counted, the first few named. for_training also refuses what training cannot use
+    (rm.layouts.check_pair)."""
     bad: list[DataError] = []
+    total = 0
     for source, records in read_records(location, split, cache_dir, log):
         layout, found = FileLayout(), 0
         for where, record in records:
@@ -326,20 +329,55 @@ def read_pairs(location: str, split: str = "train", cache_dir: str | None = None
                     raise
                 bad.append(err)
                 continue
-            pairs.append(pair)
+            yield pair
             found += 1
         if layout.parse is None and not skip_bad:
             raise DataError(source, "holds no records")
         unread = ", ".join(f"{key} ({count} records)" for key, count in sorted(layout.unread.items()))
         log(f"{source}: {found} pairs" + (f", layout {layout.name}" if layout.name else "") +
             (f"; fields not read: {unread}" if unread else ""))
+        total += found
     if bad:
         shown = "; ".join(str(err) for err in bad[:SHOWN_BAD_RECORDS])
         log(f"skip_bad_records: dropped {len(bad)} bad records from {location} (first "
             f"{min(len(bad), SHOWN_BAD_RECORDS)}: {shown})")
-    if not pairs:
+    if not total:
         raise DataError(location, f"no valid records ({len(bad)} bad records dropped)")
-    return pairs
+
+
+def read_pairs(location: str, split: str = "train", cache_dir: str | None = None, skip_bad: bool = False,
+               for_training: bool = True, log: Log = print) -> list[Pair]:
+    """Every pair at `location`, in a list (iter_pairs)."""
+    return list(iter_pairs(location, split, cache_dir, skip_bad, for_training, log))
+
+
+class PairStream:
+    """Some of the pairs at a location, chosen by index in read order, read again from the source each time they
+    are iterated: only the indices are held, so a million pairs never sit in memory at once (rm.encoding tokenizes
+    them chunk by chunk). Slicing keeps the first pairs, as slicing a list would."""
+
+    def __init__(self, read: Callable[[], Iterator[Pair]], indices: Sequence[int], location: str) -> None:
+        self._read, self._indices, self._location = read, indices, location
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, part: slice) -> PairStream:
+        return PairStream(self._read, self._indices[part], self._location)
+
+    def __iter__(self) -> Iterator[Pair]:
+        wanted = iter(self._indices)
+        target = next(wanted, None)
+        if target is None:
+            return
+        for index, pair in enumerate(self._read()):
+            if index == target:
+                yield pair
+                target = next(wanted, None)
+                if target is None:
+                    return
+        raise DataError(self._location, f"changed while it was read: pair {target + 1} of the first reading is "
+                                        "gone; rerun once the data stays put")
 
 
 def train_location(train_file_dir: str) -> str:
@@ -349,7 +387,8 @@ def train_location(train_file_dir: str) -> str:
     return train_file_dir
 
 
-def _capped(pairs: list[Pair], cap: int, what: str, setting: str, log: Log) -> list[Pair]:
+def _capped(pairs: PairStream | list[Pair], cap: int, what: str, setting: str,
+            log: Log) -> PairStream | list[Pair]:
     if 0 <= cap < len(pairs):
         log(f"{what}: using {cap} of {len(pairs)} pairs ({setting}={cap}; -1 uses all)")
         return pairs[:cap]
@@ -375,29 +414,29 @@ def content_key(pair: Pair) -> bytes:
     return digest.digest()
 
 
-def _held_out_split(pairs: list[Pair], cfg: TrainConfig, log: Log,
-                    facts: dict[str, int]) -> tuple[list[Pair], list[Pair] | None]:
-    """A deterministic held-out split of the train data (seeded), disjoint by content: HELD_OUT_FRACTION of the
-    distinct pairs, at most max_eval_samples, is held out once each; the other copies of a held-out pair are
-    dropped from training (else eval accuracy is partly train accuracy). Duplicates among the trained pairs stay.
-    None when that is zero pairs. `facts` gets the counts."""
-    keys = [content_key(pair) for pair in pairs]
+def _held_out_split(keys: list[bytes], cfg: TrainConfig, log: Log,
+                    facts: dict[str, int]) -> tuple[Sequence[int], list[int] | None]:
+    """A deterministic held-out split of the train data (seeded), disjoint by content, as (train, held-out) pair
+    indices: HELD_OUT_FRACTION of the distinct pairs, at most max_eval_samples, is held out once each; the other
+    copies of a held-out pair are dropped from training (else eval accuracy is partly train accuracy). Duplicates
+    among the trained pairs stay. No held-out indices when that is zero pairs. `facts` gets the counts."""
     first: dict[bytes, int] = {}
     for index, key in enumerate(keys):
         first.setdefault(key, index)
     distinct = list(first.values())
+    del first
     size = int(len(distinct) * HELD_OUT_FRACTION)
     if cfg.max_eval_samples >= 0:
         size = min(size, cfg.max_eval_samples)
-    facts["duplicate_pairs"] = len(pairs) - len(distinct)
+    facts["duplicate_pairs"] = len(keys) - len(distinct)
     if size == 0:
         log(f"evaluation: off ({len(distinct)} distinct train pairs are too few to hold {HELD_OUT_FRACTION:.0%} out, "
             "or max_eval_samples is 0); pass --validation_file_dir to evaluate")
-        return pairs, None
+        return range(len(keys)), None
     held = sorted(random.Random(cfg.seed).sample(distinct, size))
     held_keys = {keys[index] for index in held}
-    train = [pair for pair, key in zip(pairs, keys) if key not in held_keys]
-    facts["held_out_copies_dropped"] = len(pairs) - len(train) - size
+    train = array.array("q", (index for index, key in enumerate(keys) if key not in held_keys))
+    facts["held_out_copies_dropped"] = len(keys) - len(train) - size
     facts["eval_pairs_also_in_train"] = 0
     log(f"evaluation: {size} pairs held out of the {len(distinct)} distinct pairs of {cfg.train_file_dir} (seed "
         f"{cfg.seed}; --validation_file_dir FILE evaluates on other data, 'none' turns evaluation off)")
@@ -406,13 +445,12 @@ def _held_out_split(pairs: list[Pair], cfg: TrainConfig, log: Log,
             f"prompt, chosen and rejected up to whitespace and Unicode form); {facts['held_out_copies_dropped']} "
             "copies of held-out pairs dropped from training so that no held-out pair is trained on; the other "
             "copies train")
-    return train, [pairs[index] for index in held]
+    return train, held
 
 
-def _overlap(train: list[Pair], evaluation: list[Pair], location: str, log: Log, facts: dict[str, int]) -> None:
+def _overlap(train_keys: list[bytes], evaluation: list[Pair], location: str, log: Log, facts: dict[str, int]) -> None:
     """Counts (into facts) and warns about eval pairs that are also train pairs: given eval data is used as given,
     but its accuracy is then partly train accuracy."""
-    train_keys = [content_key(pair) for pair in train]
     known = set(train_keys)
     facts["duplicate_pairs"] = len(train_keys) - len(known)
     facts["eval_pairs_also_in_train"] = sum(content_key(pair) in known for pair in evaluation)
@@ -423,33 +461,42 @@ def _overlap(train: list[Pair], evaluation: list[Pair], location: str, log: Log,
 
 
 def load_training_data(cfg: TrainConfig, log: Log,
-                       facts: dict[str, int] | None = None) -> tuple[list[Pair], list[Pair] | None]:
-    """All train and eval pairs, read and checked before the model is built, capped at max_*_samples.
+                       facts: dict[str, int] | None = None) -> tuple[PairStream, list[Pair] | None]:
+    """The train pairs (a PairStream: every record is read and checked here, before the model is built, and read
+    again when tokenized) and the eval pairs, capped at max_*_samples.
     Eval data: validation_file_dir; unset, the embedded eval file next to the embedded train file, else a held-out
     split of the train data (disjoint by content); None when evaluation is off. `facts` (for run_info.json) gets
     the duplicate counts: duplicate_pairs (in the train data), held_out_copies_dropped, eval_pairs_also_in_train."""
-    def read(location: str, split: str) -> list[Pair]:
-        return read_pairs(location, split, hub_cache_dir(cfg.cache_dir), cfg.skip_bad_records, log=log)
+    def read(location: str, split: str, log: Log) -> Iterator[Pair]:
+        return iter_pairs(location, split, hub_cache_dir(cfg.cache_dir), cfg.skip_bad_records, log=log)
+
+    def quiet(message: str) -> None:  # the second reading of the train data says nothing new
+        pass
 
     facts = {} if facts is None else facts
-    train = read(train_location(cfg.train_file_dir), "train")
+    location = train_location(cfg.train_file_dir)
+    keys = [content_key(pair) for pair in read(location, "train", log)]  # a 16-byte hash a pair is all that is kept
+    again = lambda: read(location, "train", quiet)  # noqa: E731
+    train = PairStream(again, range(len(keys)), location)
     evaluation = None
     if cfg.max_eval_samples == 0 or (cfg.validation_file_dir or "").lower() == NO_EVALUATION:
         log("evaluation: off (" + ("max_eval_samples=0)" if cfg.max_eval_samples == 0 else
                                    f"validation_file_dir={NO_EVALUATION})"))
     elif cfg.validation_file_dir:
-        evaluation = read(cfg.validation_file_dir, "validation")
+        evaluation = list(read(cfg.validation_file_dir, "validation", log))
         if cfg.max_eval_samples > len(evaluation):
             raise ConfigError(f"max_eval_samples is {cfg.max_eval_samples} but {cfg.validation_file_dir} holds only "
                               f"{len(evaluation)} valid pairs; lower it or pass -1 for all")
     elif cfg.train_file_dir == EMBEDDED_TRAIN:
-        evaluation = read(str(EMBEDDED_SAMPLE / "eval.jsonl"), "validation")
+        evaluation = list(read(str(EMBEDDED_SAMPLE / "eval.jsonl"), "validation", log))
     else:
-        train, evaluation = _held_out_split(train, cfg, log, facts)
+        train_indices, held = _held_out_split(keys, cfg, log, facts)
+        train = PairStream(again, train_indices, location)
+        evaluation = None if held is None else list(PairStream(again, held, location))
     if evaluation is not None:
         evaluation = _capped(evaluation, cfg.max_eval_samples, "eval", "max_eval_samples", log)
         if "eval_pairs_also_in_train" not in facts:
-            _overlap(train, evaluation, cfg.validation_file_dir or str(EMBEDDED_SAMPLE / "eval.jsonl"), log, facts)
+            _overlap(keys, evaluation, cfg.validation_file_dir or str(EMBEDDED_SAMPLE / "eval.jsonl"), log, facts)
     return _capped(train, cfg.max_train_samples, "train", "max_train_samples", log), evaluation
 
 

@@ -26,7 +26,8 @@ import hashlib
 import json
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, get_args, get_type_hints
+from itertools import islice
+from typing import Any, Callable, Collection, get_args, get_type_hints
 
 import torch
 from jinja2 import TemplateError
@@ -238,7 +239,7 @@ def _record_batch(rows: list[dict[str, Any]]) -> "pyarrow.RecordBatch":
                            names=["chosen_input_ids", "rejected_input_ids", "margin"])
 
 
-def encode_pairs(pairs: list[Pair], encoder: PairEncoder, name: str = "data", show_progress: bool = True,
+def encode_pairs(pairs: Collection[Pair], encoder: PairEncoder, name: str = "data", show_progress: bool = True,
                  log: Callable[[str], None] = print, path: str | None = None) -> "datasets.Dataset":
     """Tokenizes every pair (as PairEncoder.encode does, in batches: the next chunk renders while the tokenizer
     encodes this one) and logs how many were cut or dropped. With `path` the ids are written there as an Arrow file
@@ -265,8 +266,8 @@ def encode_pairs(pairs: list[Pair], encoder: PairEncoder, name: str = "data", sh
     with ThreadPoolExecutor(1) as tokenizer_thread, tqdm(total=len(pairs), desc=f"Tokenizing {name}",
                                                          disable=None if show_progress else True) as progress:
         pending = None
-        for start in range(0, len(pairs), CHUNK_PAIRS):
-            chunk = pairs[start:start + CHUNK_PAIRS]
+        remaining = iter(pairs)  # a list, or an rm.data.PairStream reading the pairs as they are tokenized
+        while chunk := list(islice(remaining, CHUNK_PAIRS)):
             rendered = encoder.render_many(chunk)
             tokenizing = tokenizer_thread.submit(encoder.tokenize_many, rendered)
             if pending:

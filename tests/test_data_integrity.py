@@ -154,3 +154,36 @@ def test_eval_data_that_overlaps_the_train_data_is_used_with_a_warning_that_coun
     assert facts == {"duplicate_pairs": 1, "eval_pairs_also_in_train": 3}
     assert any(m.startswith(f"warning: 3 of the 5 eval pairs of {eval_file} are also in the train data") for m in
                logged), logged
+
+
+# ---- the train pairs are read again, not held (issue 26)
+def test_the_train_pairs_are_not_held_in_memory_but_read_again_when_iterated(tmp_path):
+    import tracemalloc
+
+    long_text = " ".join(f"word{i}" for i in range(150))  # ~1 KB a pair: 20k pairs would hold ~40 MB as Pair objects
+    train_file = tmp_path / "train.jsonl"
+    with train_file.open("w") as out:
+        for i in range(20_000):
+            out.write(json.dumps({"prompt": f"Question {i}? {long_text}", "chosen": f"Yes {i}. {long_text}",
+                                  "rejected": f"No {i}."}) + "\n")
+    cfg = config(tmp_path, train_file, "--max_eval_samples", 50, "--max_train_samples", -1)
+    tracemalloc.start()
+    try:
+        train, evaluation = load_training_data(cfg, lambda m: None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 12e6, f"reading and splitting 20k pairs peaked at {peak / 1e6:.0f} MB: the pairs are being held"
+    assert len(train) == 19_950 and len(evaluation) == 50
+    held = {p.source for p in evaluation}
+    first, second = [p.source for p in train], [p.source for p in train]  # each pass reads the file again
+    assert first == second and len(set(first)) == 19_950 and not held & set(first)
+    assert [p.source for p in train[:3]] == first[:3]  # max_train_samples keeps the first pairs, as a list would
+
+
+def test_train_data_that_shrinks_between_its_two_readings_is_one_error(tmp_path):
+    train_file = write_records(tmp_path / "train.jsonl", [pair_record(i) for i in range(100)])
+    train, _ = load_training_data(config(tmp_path, train_file), lambda m: None)
+    write_records(train_file, [pair_record(i) for i in range(60)])
+    with pytest.raises(DataError, match=rf"{train_file}: changed while it was read: pair \d+ of the first reading"):
+        list(train)
