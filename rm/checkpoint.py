@@ -180,6 +180,16 @@ def agreed_checkpoint(accelerator: Accelerator, checkpoint: str | None) -> str |
 
 # ---------------------------------------------------------------------------------------------- the train data
 _STARTED_WITH: dict[str, dict[str, Any]] = {}  # output_dir -> the train data's fingerprint when this run started
+_HASHED: dict[tuple, str] = {}  # (path, size, mtime, inode) -> sha256, within one run (prepare_output_dir clears it):
+# this check and the token cache key (rm.token_store) hash each data file once, seconds apart
+
+
+def _sha256_once(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_of(str(path))
+    return _HASHED[key]
 
 
 def train_data_fingerprint(location: str) -> dict[str, Any]:
@@ -188,7 +198,7 @@ def train_data_fingerprint(location: str) -> dict[str, Any]:
         return {"location": location, "files": None}
     base = Path(train_location(location))  # the embedded sample, from any directory
     name = (lambda p: p.name) if base.is_file() else (lambda p: p.relative_to(base).as_posix())  # noqa: E731
-    return {"location": location, "files": {name(p): {"size": p.stat().st_size, "sha256": sha256_of(str(p))}
+    return {"location": location, "files": {name(p): {"size": p.stat().st_size, "sha256": _sha256_once(p)}
                                             for p in data_files(str(base))}}
 
 
@@ -247,6 +257,7 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
     resume accepts an output_dir only when it holds this run: its checkpoints' saved training config equals this
     one, up to RESUMABLE_CHANGES; and the train data must be the data the checkpoint was trained on."""
     key = os.path.realpath(cfg.output_dir)
+    _HASHED.clear()  # a new run hashes the data anew
     if not cfg.resume_from_checkpoint:
         latest = latest_checkpoint(cfg.output_dir)
         if latest and not cfg.overwrite_output_dir:

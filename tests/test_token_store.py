@@ -193,3 +193,23 @@ def test_bad_data_found_by_the_tokenizing_process_stops_every_process(tmp_path):
     assert proc.returncode != 0
     assert f"error: {data}:41: field 'rejected' must be" in proc.stderr, proc.stderr[-3000:]
     assert "the first process says why" in proc.stderr and entries(tmp_path / "cache") == []
+
+
+def test_a_run_hashes_its_train_file_once_and_a_new_run_hashes_it_again(tmp_path, monkeypatch, capsys):
+    """The resume check (rm.checkpoint) and the cache key both fingerprint the data: 1 GB of data costs ~1 s a hash."""
+    import rm.checkpoint
+    from conftest import main_caller
+
+    hashed = []
+    real = rm.checkpoint.sha256_of
+    monkeypatch.setattr(rm.checkpoint, "sha256_of", lambda path: hashed.append(path) or real(path))
+    monkeypatch.setenv("RM_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_pairs(tmp_path / "train.jsonl", 40)
+    run = main_caller(capsys, ("--model_name_or_path", "tiny", "--train_file_dir", data, "--max_steps", 1,
+                               "--report_to", "none", "--output_dir", tmp_path / "out"))
+    assert run()[0] == 0
+    assert hashed == [str(data)]
+    data.write_text(data.read_text().replace("good", "fine"))  # same size, new content: the next run must see it
+    assert run("--overwrite_output_dir", "true")[0] == 0
+    assert hashed == [str(data)] * 2
+    assert len(entries(tmp_path / "cache")) == 2  # a second cache entry: the new content was tokenized
