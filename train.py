@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rm.attention import enable_varlen_attention, varlen_available
-from rm.batching import build_train_loader, is_placeholder, micro_batches_per_process, model_inputs
+from rm.batching import (build_train_loader, is_placeholder, largest_micro_batch_tokens, micro_batches_per_process,
+                         model_inputs, pair_token_counts)
 from rm.checkpoint import Position, agreed_checkpoint, load_checkpoint, prepare_output_dir, save_checkpoint
 from rm.config import ConfigError, TrainConfig, hub_cache_dir, parse_config
 from rm.data import DataError, check_enough_pairs
@@ -114,7 +115,10 @@ def setup(cfg: TrainConfig) -> Run:
     data_ready = seconds_since_launch()
 
     # ---- model: built after the Accelerator so ZeRO-3 can partition it as it loads
-    model, model_info = build_model(cfg, accelerator, tokenizer, log, compile_layers, compile_why)
+    longest_micro_batch = largest_micro_batch_tokens(pair_token_counts(train_set), cfg.per_device_train_batch_size,
+                                                     cfg.gradient_accumulation_steps, cfg.max_tokens_per_micro_batch,
+                                                     cfg.packing)
+    model, model_info = build_model(cfg, accelerator, tokenizer, log, compile_layers, compile_why, longest_micro_batch)
     model_ready = seconds_since_launch()
 
     # ---- optimizer, loaders, prepare; the LR schedule stays out of prepare (it would step once per process)
@@ -163,9 +167,10 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any, log: Callable[[str], None],
-                compile_layers: bool, compile_why: str) -> tuple[RewardModel, dict[str, Any]]:
-    """The reward model as this run trains it: backbone, packed-row attention, checkpointing, LoRA, compile (on or
-    off and why, from rm.model.compile_requested). Returns it with what was chosen (for run_info.json)."""
+                compile_layers: bool, compile_why: str, longest_micro_batch: int) -> tuple[RewardModel, dict[str, Any]]:
+    """The reward model as this run trains it: backbone, packed-row attention, checkpointing (sized for the
+    largest micro-batch's tokens), LoRA, compile (on or off and why, from rm.model.compile_requested). Returns it
+    with what was chosen (for run_info.json)."""
     stage = zero_stage(accelerator)
     backbone = load_backbone(cfg.model_name_or_path, tokenizer, model_dtype(accelerator, cfg.use_peft),
                              hub_cache_dir(cfg.cache_dir), accelerator)
@@ -175,8 +180,6 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any, log:
         enable_varlen_attention(backbone)  # packed rows (training, evaluation) through flash varlen (rm/attention.py)
     numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 parameters are partitioned)
     parameters = sum(numel(p) for p in backbone.parameters())
-    longest_micro_batch = max(cfg.max_tokens_per_micro_batch if cfg.packing else 0,
-                              2 * cfg.per_device_train_batch_size * (cfg.max_source_length + cfg.max_target_length))
     checkpointing, why = needs_checkpointing(cfg.gradient_checkpointing, backbone.config, accelerator.device,
                                              longest_micro_batch, parameters, 0 if cfg.use_peft else parameters)
     log(f"gradient checkpointing: {'on' if checkpointing else 'off'} ({why}; --gradient_checkpointing true/false)")

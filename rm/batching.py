@@ -21,6 +21,7 @@ step's micro-batches and divided by GA by accelerate / DeepSpeed):
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 from typing import Any, Iterator, Sequence
@@ -168,6 +169,18 @@ def pair_token_counts(pairs: Any) -> list[int]:
     table = pairs.with_format("arrow")[:]
     return pc.add(pc.list_value_length(table["chosen_input_ids"]),
                   pc.list_value_length(table["rejected_input_ids"])).to_pylist()
+
+
+def largest_micro_batch_tokens(pair_tokens: Sequence[int], batch_size: int, gradient_accumulation_steps: int,
+                               max_tokens: int, packing: bool) -> int:
+    """An upper bound on the tokens of this run's largest micro-batch, from its data (what activation memory is
+    sized for; the max_tokens cap alone said 16k tokens where the default's micro-batches hold ~4k). Packed: one
+    optimizer step's units on one process (batch x GA pairs), at most max_tokens unless one unit alone is larger.
+    Plain: batch_size pairs, each row padded to at most the longest pair."""
+    longest = heapq.nlargest(batch_size * gradient_accumulation_steps, pair_tokens)
+    if not packing:
+        return 2 * batch_size * longest[0]
+    return min(sum(longest), max(max_tokens, sum(longest[:batch_size])))
 
 
 def build_train_loader(train_set: Any, collator: Any, batch_size: int, gradient_accumulation_steps: int,

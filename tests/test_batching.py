@@ -3,6 +3,7 @@ optimizer step into the same number of forwards everywhere; packed rows give the
 weighted loss is the plain path's sum of micro-batch means; and the benchmark runs both paths (CPU smoke)."""
 
 import json
+import random
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, RandomSampler
 
 from conftest import ROOT
-from rm.batching import (KeyedPairs, PackedPairCollator, PackedStepSampler, is_placeholder,
+from rm.batching import (KeyedPairs, PackedPairCollator, PackedStepSampler, is_placeholder, largest_micro_batch_tokens,
                          micro_batches_per_process, model_inputs, pack_units, split_to_count)
 from rm.encoding import PairCollator
 from rm.loss import pairwise_loss
@@ -145,3 +146,18 @@ def test_eval_rows_cover_every_pair_once_with_the_same_forwards_everywhere():
         assert forwards == max(len(rows) for rows in per_process)
         for rows in per_process:
             assert all(len(row) == 1 or sum(tokens[i] for i in row) <= 100 for row in rows)
+
+
+def test_the_largest_micro_batch_is_bounded_by_the_data_not_only_by_the_token_cap():
+    """Checkpointing is sized for it: the default (1 pair x GA 8, cap 16384) on pairs of ~550 tokens is ~4.4k tokens,
+    and the cap alone turned checkpointing on for the Qwen3-0.6B shape on an 80 GB GPU."""
+    rng = random.Random(3)
+    tokens = [rng.randint(100, 1000) for _ in range(400)]
+    for batch, ga, cap in ((1, 8, 16384), (2, 4, 3000), (4, 2, 500), (1, 1, 16384)):
+        bound = largest_micro_batch_tokens(tokens, batch, ga, cap, packing=True)
+        sampler = PackedStepSampler(tokens, batch, ga, cap, 1, torch.Generator().manual_seed(0))
+        largest = max(sum(tokens[i] for i, _ in item) for item in sampler if item)
+        assert largest <= bound <= max(cap, sum(sorted(tokens)[-batch:])), (batch, ga, cap, largest, bound)
+        assert bound <= sum(sorted(tokens)[-batch * ga:])
+    assert largest_micro_batch_tokens(tokens, 1, 8, 16384, packing=True) == sum(sorted(tokens)[-8:]) < 8000
+    assert largest_micro_batch_tokens(tokens, 2, 8, 16384, packing=False) == 4 * max(tokens)
