@@ -23,9 +23,11 @@ import json
 import os
 import re
 import shutil
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -179,27 +181,44 @@ def agreed_checkpoint(accelerator: Accelerator, checkpoint: str | None) -> str |
 
 
 # ---------------------------------------------------------------------------------------------- the train data
-_STARTED_WITH: dict[str, dict[str, Any]] = {}  # output_dir -> the train data's fingerprint when this run started
-_HASHED: dict[tuple, str] = {}  # (path, size, mtime, inode) -> sha256, within one run (prepare_output_dir clears it):
-# this check and the token cache key (rm.token_store) hash each data file once, seconds apart
+_STARTED_WITH: dict[str, Callable[[], dict[str, Any]]] = {}  # output_dir -> the train data's fingerprint at the start
+_HASHING: dict[tuple, Future] = {}  # (path, size, mtime, inode) -> its sha256, within one run (prepare_output_dir
+# clears it): the resume check, the token cache key and each checkpoint wait for one hash of each data file
 
 
-def _sha256_once(path: Path) -> str:
+def _sha256_soon(path: Path) -> Future:
+    """The file's sha256, computed in a thread (hashlib releases the GIL: a 1 GB file costs ~1 s, spent while the
+    run goes on to load its tokenizer)."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    if key not in _HASHED:
-        _HASHED[key] = sha256_of(str(path))
-    return _HASHED[key]
+    if key not in _HASHING:
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(sha256_of(str(path)))
+            except BaseException as err:  # noqa: BLE001  (raised where the hash is asked for)
+                future.set_exception(err)
+
+        threading.Thread(target=run, name="rm-sha256", daemon=True).start()
+        _HASHING[key] = future
+    return _HASHING[key]
+
+
+def _fingerprint_soon(location: str) -> Callable[[], dict[str, Any]]:
+    """train_data_fingerprint, started now (every file's hash in a thread) and waited for when called."""
+    if is_hub_data_set(location):
+        return lambda: {"location": location, "files": None}
+    base = Path(train_location(location))  # the embedded sample, from any directory
+    name = (lambda p: p.name) if base.is_file() else (lambda p: p.relative_to(base).as_posix())  # noqa: E731
+    files = [(name(p), p.stat().st_size, _sha256_soon(p)) for p in data_files(str(base))]
+    return lambda: {"location": location,
+                    "files": {rel: {"size": size, "sha256": sha.result()} for rel, size, sha in files}}
 
 
 def train_data_fingerprint(location: str) -> dict[str, Any]:
     """Size and sha256 of every data file the reader takes from `location` (a hub dataset: its name only)."""
-    if is_hub_data_set(location):
-        return {"location": location, "files": None}
-    base = Path(train_location(location))  # the embedded sample, from any directory
-    name = (lambda p: p.name) if base.is_file() else (lambda p: p.relative_to(base).as_posix())  # noqa: E731
-    return {"location": location, "files": {name(p): {"size": p.stat().st_size, "sha256": _sha256_once(p)}
-                                            for p in data_files(str(base))}}
+    return _fingerprint_soon(location)()
 
 
 def _data_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -257,7 +276,7 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
     resume accepts an output_dir only when it holds this run: its checkpoints' saved training config equals this
     one, up to RESUMABLE_CHANGES; and the train data must be the data the checkpoint was trained on."""
     key = os.path.realpath(cfg.output_dir)
-    _HASHED.clear()  # a new run hashes the data anew
+    _HASHING.clear()  # a new run hashes the data anew
     if not cfg.resume_from_checkpoint:
         latest = latest_checkpoint(cfg.output_dir)
         if latest and not cfg.overwrite_output_dir:
@@ -265,11 +284,11 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
                               f"{os.path.basename(latest)}); pass --resume_from_checkpoint latest to continue it, "
                               "or --overwrite_output_dir true to replace that run, or choose another output_dir")
         check_output_dir(cfg)
-        _STARTED_WITH[key] = train_data_fingerprint(cfg.train_file_dir)
+        _STARTED_WITH[key] = _fingerprint_soon(cfg.train_file_dir)
         return None
     checkpoint = _choose_checkpoint(cfg)
-    _STARTED_WITH[key] = train_data_fingerprint(cfg.train_file_dir)
-    _check_train_data(checkpoint, cfg, _STARTED_WITH[key])
+    _STARTED_WITH[key] = _fingerprint_soon(cfg.train_file_dir)
+    _check_train_data(checkpoint, cfg, _STARTED_WITH[key]())
     return checkpoint
 
 
@@ -338,7 +357,7 @@ def _write_own_state(folder: str, cfg: TrainConfig, position: Position, schedule
     write_json(os.path.join(folder, SCHEDULER_STATE), scheduler.state_dict())
     write_json(os.path.join(folder, CONFIG_FILE), dataclasses.asdict(cfg))
     key = os.path.realpath(cfg.output_dir)
-    write_json(os.path.join(folder, TRAIN_DATA), _STARTED_WITH.get(key) or train_data_fingerprint(cfg.train_file_dir))
+    write_json(os.path.join(folder, TRAIN_DATA), _STARTED_WITH.get(key, lambda: train_data_fingerprint(cfg.train_file_dir))())
 
 
 def rotate_checkpoints(output_dir: str, total_limit: int) -> list[str]:
