@@ -46,8 +46,8 @@ from rm.export import export_reward_model
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.loss import pairwise_loss, split_rewards
 from rm.model import (RewardModel, apply_lora, check_model_sources, compile_decoder_layers, compile_requested,
-                      compiled_graphs, disable_dropout, enable_checkpointing, load_backbone, load_tokenizer,
-                      needs_checkpointing, start_compile_workers)
+                      compiled_graphs, disable_dropout, enable_checkpointing, import_model_code, load_backbone,
+                      load_tokenizer, needs_checkpointing, start_compile_workers)
 from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, write_json
 from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
@@ -98,6 +98,7 @@ def setup(cfg: TrainConfig) -> Run:
     # ---- tokenizer and data: validated and tokenized once, before the model costs any memory
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, hub_cache_dir(cfg.cache_dir))
     encoder = PairEncoder(tokenizer, cfg.max_source_length, cfg.max_target_length, cfg.reward_position)
+    import_model_code(cfg.model_name_or_path, tokenizer, hub_cache_dir(cfg.cache_dir))  # while the data is hashed
     # every record checked (rm/data.py) and tokenized once per machine, or loaded from the token cache
     announce = lambda message: tqdm.write(f"[process {accelerator.process_index}] {message}")  # noqa: E731
     duplicates: dict[str, int] = {}  # counts of repeated pairs, for run_info.json

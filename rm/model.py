@@ -114,6 +114,19 @@ def no_zero3_init(accelerator: Any) -> Iterator[None]:
         plugin.set_deepspeed_weakref()
 
 
+def import_model_code(name_or_path: str, tokenizer: Any, cache_dir: str | None = None) -> None:
+    """Imports the model class's transformers code now (~1 s for Qwen3), while the data files' hashes are computed in
+    threads (rm.checkpoint). Best effort: load_backbone, later, says what fails."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    try:
+        config = tiny_config(tokenizer) if name_or_path == TINY else AutoConfig.from_pretrained(
+            name_or_path, cache_dir=cache_dir, trust_remote_code=False)
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]  # the lookup imports the modeling module
+    except Exception:  # noqa: BLE001  (whatever fails here fails again, with its message, in load_backbone)
+        pass
+
+
 def load_backbone(name_or_path: str, tokenizer: Any, dtype: torch.dtype, cache_dir: str | None = None,
                   accelerator: Any = None) -> nn.Module:
     """AutoModelForSequenceClassification with one output; build after the Accelerator so ZeRO-3 can shard it.
