@@ -356,8 +356,8 @@ def _write_own_state(folder: str, cfg: TrainConfig, position: Position, schedule
                                                   base64.b64encode(generator.numpy().tobytes()).decode()})
     write_json(os.path.join(folder, SCHEDULER_STATE), scheduler.state_dict())
     write_json(os.path.join(folder, CONFIG_FILE), dataclasses.asdict(cfg))
-    key = os.path.realpath(cfg.output_dir)
-    write_json(os.path.join(folder, TRAIN_DATA), _STARTED_WITH.get(key, lambda: train_data_fingerprint(cfg.train_file_dir))())
+    started = _STARTED_WITH.get(os.path.realpath(cfg.output_dir))
+    write_json(os.path.join(folder, TRAIN_DATA), started() if started else train_data_fingerprint(cfg.train_file_dir))
 
 
 def rotate_checkpoints(output_dir: str, total_limit: int) -> list[str]:
