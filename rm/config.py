@@ -53,8 +53,9 @@ class TrainConfig:
         "help": "'all' = every linear layer but the head, or a comma-separated list of module names."})
     gradient_checkpointing: Optional[bool] = field(default=None, metadata={
         "nargs": "?", "const": True,
-        "help": "Recompute activations in backward: less memory, more compute. Unset: on, except on CUDA when one "
-                "micro-batch's estimated activations fit in half the free memory (the log says which and why)."})
+        "help": "Recompute activations in backward: less memory, more compute. Unset: on, except on CUDA when the "
+                "largest micro-batch's activations (estimated high) fit in 80%% of the free memory (the log says "
+                "which and why)."})
     bf16: Optional[bool] = field(default=None, metadata={
         "nargs": "?", "const": True,
         "help": "bf16 mixed precision. Unset: what the accelerate launcher says (its yaml's mixed_precision; plain "
