@@ -116,7 +116,8 @@ def setup(cfg: TrainConfig) -> Run:
     data_ready = seconds_since_launch()
 
     # ---- model: built after the Accelerator so ZeRO-3 can partition it as it loads
-    longest_micro_batch = largest_micro_batch_tokens(pair_token_counts(train_set), cfg.per_device_train_batch_size,
+    pair_tokens = pair_token_counts(train_set)  # read from the Arrow offsets once: checkpointing and packing use them
+    longest_micro_batch = largest_micro_batch_tokens(pair_tokens, cfg.per_device_train_batch_size,
                                                      cfg.gradient_accumulation_steps, cfg.max_tokens_per_micro_batch,
                                                      cfg.packing)
     model, model_info = build_model(cfg, accelerator, tokenizer, log, compile_layers, compile_why, longest_micro_batch)
@@ -131,7 +132,7 @@ def setup(cfg: TrainConfig) -> Run:
     train_loader = build_train_loader(train_set, collator, cfg.per_device_train_batch_size,
                                       cfg.gradient_accumulation_steps, cfg.seed, cfg.packing,
                                       cfg.max_tokens_per_micro_batch, accelerator.num_processes,
-                                      accelerator.device.type == "cuda")
+                                      accelerator.device.type == "cuda", pair_tokens)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
         raise ConfigError(f"gradient accumulation is {accelerator.gradient_accumulation_steps} after prepare, "

@@ -185,15 +185,16 @@ def largest_micro_batch_tokens(pair_tokens: Sequence[int], batch_size: int, grad
 
 def build_train_loader(train_set: Any, collator: Any, batch_size: int, gradient_accumulation_steps: int,
                        seed: int, packing: bool, max_tokens: int, num_processes: int,
-                       on_cuda: bool) -> DataLoader:
-    """The plain loader (one micro-batch of padded rows per `batch_size` pairs) or the packed one; both shuffled
-    by the same seeded generator. On CUDA, two workers collate ahead into pinned memory."""
+                       on_cuda: bool, pair_tokens: Sequence[int]) -> DataLoader:
+    """The plain loader (one micro-batch of padded rows per `batch_size` pairs) or the packed one (pair_tokens:
+    pair_token_counts of train_set); both shuffled by the same seeded generator. On CUDA, two workers collate ahead
+    into pinned memory."""
     generator = torch.Generator().manual_seed(seed)
     loading = {"num_workers": 2, "pin_memory": True, "persistent_workers": True} if on_cuda else {}
     if not packing:
         return DataLoader(train_set, batch_size=batch_size, shuffle=True, collate_fn=collator, generator=generator,
                           **loading)
-    sampler = PackedStepSampler(pair_token_counts(train_set), batch_size, gradient_accumulation_steps, max_tokens,
+    sampler = PackedStepSampler(pair_tokens, batch_size, gradient_accumulation_steps, max_tokens,
                                 num_processes, generator)
     return DataLoader(KeyedPairs(train_set), batch_sampler=sampler, collate_fn=PackedPairCollator(), generator=generator,
                       **loading)  # the loader draws its worker seed from the generator too, as the plain one does
