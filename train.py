@@ -43,6 +43,7 @@ from rm.data import DataError, check_enough_pairs
 from rm.encoding import PairCollator, PairEncoder
 from rm.evaluate import accuracy_note, collect_rewards, evaluate, summarize_rewards
 from rm.export import export_reward_model
+from rm.fused import fuse_lora_linears, fuse_rms_norms
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.loss import pairwise_loss, split_rewards
 from rm.model import (RewardModel, apply_lora, check_model_sources, compile_decoder_layers, compile_requested,
@@ -193,8 +194,13 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any, log:
                               adapter_dtype_float32=stage != 3,  # ZeRO-3 wants one dtype for all tensors
                               under_autocast=accelerator.mixed_precision == "bf16" and stage == 0,
                               rslora=cfg.use_rslora)
-    if compile_layers:
+    fused_norms = fused_lora = 0
+    if compile_layers:  # inductor fuses the compiled layers itself
         compile_decoder_layers(backbone)
+    else:
+        fused_norms = fuse_rms_norms(backbone)
+        fused_lora = fuse_lora_linears(backbone) if cfg.use_peft and stage != 3 else 0  # ZeRO-3: see rm/fused.py
+        log(f"fused forwards: {fused_norms} RMSNorm, {fused_lora} LoRA linear (rm/fused.py)")
     log(f"torch.compile: {'on (each decoder layer, dynamic shapes; ' if compile_layers else 'off ('}{compile_why}; "
         "--torch_compile true/false)")
     model = RewardModel(backbone)
@@ -202,7 +208,7 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any, log:
     log(f"model: {cfg.model_name_or_path}, {sum(numel(p) for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{trainable / 1e6:.3f}M trainable ({'LoRA' if cfg.use_peft else 'full fine-tuning'})")
     return model, {"trainable_parameters": trainable, "gradient_checkpointing": checkpointing,
-                   "torch_compile": compile_layers}
+                   "torch_compile": compile_layers, "fused_rms_norms": fused_norms, "fused_lora_linears": fused_lora}
 
 
 def train_loop(run: Run, guard: StepGuard) -> int:
