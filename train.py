@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rm.attention import enable_varlen_attention, varlen_available
-from rm.batching import (build_train_loader, is_placeholder, largest_micro_batch_tokens, micro_batches_per_process,
-                         model_inputs, pair_token_counts)
+from rm.batching import (PackedPairCollator, build_train_loader, is_placeholder, largest_micro_batch_tokens,
+                         longest_sequence_tokens, micro_batches_per_process, model_inputs, pair_token_counts)
 from rm.checkpoint import Position, agreed_checkpoint, load_checkpoint, prepare_output_dir, save_checkpoint
 from rm.config import ConfigError, TrainConfig, hub_cache_dir, parse_config
 from rm.data import DataError, check_enough_pairs
@@ -44,6 +44,7 @@ from rm.encoding import PairCollator, PairEncoder
 from rm.evaluate import accuracy_note, collect_rewards, evaluate, summarize_rewards
 from rm.export import export_reward_model
 from rm.fused import fuse_lora_linears, fuse_rms_norms
+from rm.graphs import StepGraphs, graphs_wanted
 from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_command
 from rm.loss import pairwise_loss, split_rewards
 from rm.model import (RewardModel, apply_lora, check_model_sources, compile_decoder_layers, compile_requested,
@@ -78,6 +79,7 @@ class Run:
     total_steps: int
     history: list[dict[str, Any]]
     run_info: dict[str, Any]
+    graphs: StepGraphs | None  # CUDA graphs of the packed forward + backward (rm/graphs.py), or None: eager
 
     def log(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -110,8 +112,9 @@ def setup(cfg: TrainConfig) -> Run:
     check_enough_pairs(len(train_set), cfg, accelerator.num_processes)
     planned_steps, _ = optimizer_steps(cfg, micro_batches_per_process(len(train_set), cfg.per_device_train_batch_size,
                                                                        accelerator.num_processes))
+    graphs_possible = accelerator.num_processes == 1 and stage == 0 and cfg.packing and cfg.cuda_graphs is not False
     compile_layers, compile_why = compile_requested(cfg.torch_compile, accelerator.device, stage, cfg.use_peft,
-                                                    planned_steps)
+                                                    planned_steps, graphs_possible)
     if compile_layers:
         start_compile_workers()  # they come up while the model loads, not at the first forward
     data_ready = seconds_since_launch()
@@ -130,11 +133,20 @@ def setup(cfg: TrainConfig) -> Run:
     log("learning rates: " + ", ".join(f"{part} {rate:g}" for part, rate in learning_rates.items()) +
         f" (--recipe {cfg.recipe}; docs/quality_results.md)")
     collator = PairCollator(tokenizer.pad_token_id)
+    use_graphs, graphs_why = graphs_wanted(cfg.cuda_graphs, accelerator.device, accelerator.num_processes, stage,
+                                           cfg.packing, model_info["varlen_attention"],
+                                           model_info["gradient_checkpointing"], model_info["torch_compile"])
+    log(f"CUDA graphs: {'on' if use_graphs else 'off'} ({graphs_why}; --cuda_graphs true/false)")
+    pair_slots = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps  # most pairs a packed row holds
+    longest_sequence = longest_sequence_tokens(train_set)
+    static_collator = PackedPairCollator(pair_slots, longest_sequence, tokenizer.pad_token_id) if use_graphs else None
     train_loader = build_train_loader(train_set, collator, cfg.per_device_train_batch_size,
                                       cfg.gradient_accumulation_steps, cfg.seed, cfg.packing,
                                       cfg.max_tokens_per_micro_batch, accelerator.num_processes,
-                                      accelerator.device.type == "cuda", pair_tokens)
+                                      accelerator.device.type == "cuda", pair_tokens, static_collator)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    graphs = StepGraphs(model, pair_slots, longest_sequence, cfg.gradient_accumulation_steps,
+                        cfg.center_rewards_coefficient) if use_graphs else None
     if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
         raise ConfigError(f"gradient accumulation is {accelerator.gradient_accumulation_steps} after prepare, "
                           f"expected {cfg.gradient_accumulation_steps}: remove it from the accelerate yaml")
@@ -162,11 +174,11 @@ def setup(cfg: TrainConfig) -> Run:
                 "zero_stage": stage, "mixed_precision": accelerator.mixed_precision,
                 "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
                 "total_steps": total_steps, "train_pairs": len(train_set), "duplicates": duplicates,
-                "learning_rates": learning_rates,
+                "learning_rates": learning_rates, "cuda_graphs": use_graphs,
                 **model_info}
     return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, train_loader, eval_set,
                DataPosition(accelerator, train_loader, position, total_steps, epochs), total_steps,
-               position.history, run_info)
+               position.history, run_info, graphs)
 
 
 def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any, log: Callable[[str], None],
@@ -179,7 +191,8 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any, log:
                              hub_cache_dir(cfg.cache_dir), accelerator)
     if cfg.disable_dropout:
         log(f"dropout: off ({disable_dropout(backbone)} dropout layers and settings set to 0; --disable_dropout false)")
-    if varlen_available(accelerator.device) and accelerator.mixed_precision == "bf16":
+    varlen = varlen_available(accelerator.device) and accelerator.mixed_precision == "bf16"
+    if varlen:
         enable_varlen_attention(backbone)  # packed rows (training, evaluation) through flash varlen (rm/attention.py)
     numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 parameters are partitioned)
     parameters = sum(numel(p) for p in backbone.parameters())
@@ -208,7 +221,8 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any, log:
     log(f"model: {cfg.model_name_or_path}, {sum(numel(p) for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{trainable / 1e6:.3f}M trainable ({'LoRA' if cfg.use_peft else 'full fine-tuning'})")
     return model, {"trainable_parameters": trainable, "gradient_checkpointing": checkpointing,
-                   "torch_compile": compile_layers, "fused_rms_norms": fused_norms, "fused_lora_linears": fused_lora}
+                   "torch_compile": compile_layers, "fused_rms_norms": fused_norms, "fused_lora_linears": fused_lora,
+                   "varlen_attention": varlen}
 
 
 def train_loop(run: Run, guard: StepGuard) -> int:
@@ -217,6 +231,7 @@ def train_loop(run: Run, guard: StepGuard) -> int:
     cfg, accelerator, model, optimizer = run.cfg, run.accelerator, run.model, run.optimizer
     step, grad_norm = run.data.start.global_step, torch.zeros(())
     window = MetricsWindow(accelerator)
+    drop_grads = run.graphs is None  # a graph adds into the .grad tensors it captured: zero them, never drop them
     progress = tqdm(total=run.total_steps, initial=step, desc="Training",  # no bar when stderr is not a TTY
                     disable=None if accelerator.is_local_main_process else True)
     model.train()
@@ -224,17 +239,20 @@ def train_loop(run: Run, guard: StepGuard) -> int:
         with accelerator.accumulate(model):
             if is_placeholder(batch):  # packing: this plain micro-batch rides in a later packed one
                 continue
-            chosen, rejected = split_rewards(model(**model_inputs(batch)))
-            loss = pairwise_loss(chosen, rejected, batch["margin"], cfg.center_rewards_coefficient,
-                                 batch.get("pair_weight"))
-            accelerator.backward(loss)
+            if run.graphs is not None:  # the same forward, loss and backward, replayed as one CUDA graph
+                loss, chosen, rejected = run.graphs(batch)
+            else:
+                chosen, rejected = split_rewards(model(**model_inputs(batch)))
+                loss = pairwise_loss(chosen, rejected, batch["margin"], cfg.center_rewards_coefficient,
+                                     batch.get("pair_weight"))
+                accelerator.backward(loss)
             guard.watch(loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 if guard.check_step(grad_norm, step + 1):  # non-finite, --skip_nonfinite_steps
-                    optimizer.zero_grad()  # no gradients: the step below changes nothing
+                    optimizer.zero_grad(set_to_none=drop_grads)  # no gradients: the step below changes nothing
             optimizer.step()
-            optimizer.zero_grad()
+            optimizer.zero_grad(set_to_none=drop_grads)
         window.add(batch, loss, chosen, rejected)
         if not accelerator.sync_gradients:
             continue
@@ -310,6 +328,9 @@ def finish(run: Run, step: int) -> dict[str, Any]:
         run.log(f"torch.compile: {run.run_info['compiled_graphs']} graphs built, "
                 f"{run.run_info['compiled_graphs'] - run.run_info.get('compiled_graphs_first_step', 0)} "
                 "after the first step")
+    if run.graphs is not None:
+        run.run_info["cuda_graph_buckets"] = sorted(run.graphs.graphs)
+        run.log(f"CUDA graphs: {len(run.graphs.graphs)} captured, rows of {sorted(run.graphs.graphs)} tokens")
     merged_dir = export_reward_model(accelerator, run.model, run.tokenizer, cfg.output_dir,
                                      extra_config=exported_config)
     if accelerator.is_main_process:

@@ -21,6 +21,7 @@ step's micro-batches and divided by GA by accelerate / DeepSpeed):
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -128,27 +129,71 @@ class KeyedPairs(Dataset):
         return {**self.pairs[index], "weight": 1.0 / unit_size}
 
 
+TOKEN_BUCKETS = [512]
+while TOKEN_BUCKETS[-1] < 2**20:  # 512, 640, 832, ...: x1.25, multiples of 64
+    TOKEN_BUCKETS.append(-(-TOKEN_BUCKETS[-1] * 5 // 4 // 64) * 64)
+
+
+def token_bucket(tokens: int) -> int:
+    """The smallest TOKEN_BUCKETS size that holds `tokens`: the few fixed row lengths a CUDA graph is captured for
+    (rm/graphs.py), padding at most 25%."""
+    return TOKEN_BUCKETS[bisect.bisect_left(TOKEN_BUCKETS, tokens)]
+
+
+def filler_slots(bucket: int, max_sequence_tokens: int) -> int:
+    """Filler sequences a row of this bucket gets: it holds more tokens than the bucket below, so its filler is
+    shorter than the step between the two, cut into pieces of at most max_sequence_tokens."""
+    position = TOKEN_BUCKETS.index(bucket)
+    below = TOKEN_BUCKETS[position - 1] if position else 0
+    return -(-(bucket - below) // max_sequence_tokens)
+
+
 class PackedPairCollator:
     """One row: every chosen sequence, then every rejected one, concatenated without padding; position ids
-    restart at each sequence; cu_seq_lens holds the sequence boundaries (int32, as varlen kernels want)."""
+    restart at each sequence; cu_seq_lens holds the sequence boundaries (int32, as varlen kernels want).
+
+    With `pair_slots` (CUDA graphs, rm/graphs.py) the shapes are static per token bucket: the chosen and the
+    rejected sequences each get `pair_slots` boundaries (empty sequences after the real ones: chosen rewards are
+    `[:pair_slots]`, rejected ones `[pair_slots:2 * pair_slots]`), and the row is filled up to its token_bucket by
+    filler_slots sequences of `pad_id` of at most `max_sequence_tokens` each (so attention never sees a sequence
+    longer than real ones can be). Margin and weight are padded with zeros: the empty slots add nothing to the
+    loss. `pairs` holds the real count."""
+
+    def __init__(self, pair_slots: int | None = None, max_sequence_tokens: int = 0, pad_id: int = 0) -> None:
+        self.pair_slots, self.max_sequence_tokens, self.pad_id = pair_slots, max_sequence_tokens, pad_id
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if not features:
             return {}  # placeholder: counts toward gradient accumulation, runs nothing
-        rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
-        lengths = [len(r) for r in rows]  # sizes from Python, not read back from tensors
+        chosen = [f["chosen_input_ids"] for f in features]
+        rejected = [f["rejected_input_ids"] for f in features]
+        weights = [float(f["weight"]) for f in features]
+        margins = [float(f.get("margin", 0.0)) for f in features]
+        rows = chosen + rejected
+        lengths = [len(r) for r in rows]
+        real_tokens, max_length = sum(lengths), max(lengths)
+        if self.pair_slots is not None:
+            empty = [[]] * (self.pair_slots - len(features))
+            bucket, piece = token_bucket(real_tokens), self.max_sequence_tokens
+            filler = bucket - real_tokens
+            pieces = [[self.pad_id] * max(0, min(piece, filler - start))
+                      for start in range(0, filler_slots(bucket, piece) * piece, piece)]
+            rows = chosen + empty + rejected + empty + pieces
+            lengths = [len(r) for r in rows]
+            weights += [0.0] * len(empty)
+            margins += [0.0] * len(empty)
         cu_seq_lens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
         starts = torch.repeat_interleave(cu_seq_lens[:-1].long(), torch.tensor(lengths), output_size=sum(lengths))
-        weights = [float(f["weight"]) for f in features]
         return {
             "input_ids": torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)[None],
             "position_ids": (torch.arange(sum(lengths)) - starts)[None],
             "cu_seq_lens": cu_seq_lens,
-            "max_length": max(lengths),
-            "margin": torch.tensor([float(f.get("margin", 0.0)) for f in features], dtype=torch.float32),
+            "max_length": max_length,
+            "margin": torch.tensor(margins, dtype=torch.float32),
             "pair_weight": torch.tensor(weights, dtype=torch.float32),
-            "num_tokens": torch.tensor(sum(lengths)),
+            "num_tokens": torch.tensor(real_tokens),
             "micro_batches": round(sum(weights)),  # plain micro-batches this one stands for (logged loss average)
+            "pairs": len(features),
         }
 
 
@@ -171,6 +216,15 @@ def pair_token_counts(pairs: Any) -> list[int]:
                   pc.list_value_length(table["rejected_input_ids"])).to_pylist()
 
 
+def longest_sequence_tokens(pairs: Any) -> int:
+    """The longest chosen or rejected sequence of a datasets.Dataset, from its Arrow list offsets."""
+    import pyarrow.compute as pc
+
+    table = pairs.with_format("arrow")[:]
+    return max(pc.max(pc.list_value_length(table[column])).as_py() or 0
+               for column in ("chosen_input_ids", "rejected_input_ids"))
+
+
 def largest_micro_batch_tokens(pair_tokens: Sequence[int], batch_size: int, gradient_accumulation_steps: int,
                                max_tokens: int, packing: bool) -> int:
     """An upper bound on the tokens of this run's largest micro-batch, from its data (what activation memory is
@@ -185,10 +239,11 @@ def largest_micro_batch_tokens(pair_tokens: Sequence[int], batch_size: int, grad
 
 def build_train_loader(train_set: Any, collator: Any, batch_size: int, gradient_accumulation_steps: int,
                        seed: int, packing: bool, max_tokens: int, num_processes: int,
-                       on_cuda: bool, pair_tokens: Sequence[int]) -> DataLoader:
+                       on_cuda: bool, pair_tokens: Sequence[int],
+                       packed_collator: PackedPairCollator | None = None) -> DataLoader:
     """The plain loader (one micro-batch of padded rows per `batch_size` pairs) or the packed one (pair_tokens:
-    pair_token_counts of train_set); both shuffled by the same seeded generator. On CUDA, two workers collate ahead
-    into pinned memory."""
+    pair_token_counts of train_set; packed_collator: one with static shapes for CUDA graphs, else the plain one);
+    both shuffled by the same seeded generator. On CUDA, two workers collate ahead into pinned memory."""
     generator = torch.Generator().manual_seed(seed)
     loading = {"num_workers": 2, "pin_memory": True, "persistent_workers": True} if on_cuda else {}
     if not packing:
@@ -196,5 +251,6 @@ def build_train_loader(train_set: Any, collator: Any, batch_size: int, gradient_
                           **loading)
     sampler = PackedStepSampler(pair_tokens, batch_size, gradient_accumulation_steps, max_tokens,
                                 num_processes, generator)
-    return DataLoader(KeyedPairs(train_set), batch_sampler=sampler, collate_fn=PackedPairCollator(), generator=generator,
+    return DataLoader(KeyedPairs(train_set), batch_sampler=sampler, collate_fn=packed_collator or PackedPairCollator(),
+                      generator=generator,
                       **loading)  # the loader draws its worker seed from the generator too, as the plain one does

@@ -93,8 +93,15 @@ class TrainConfig:
     torch_compile: Optional[bool] = field(default=None, metadata={
         "nargs": "?", "const": True,
         "help": "torch.compile each decoder layer (fuses norms and activations; the first steps pay the compile). "
-                "Unset, on CUDA and not under ZeRO-3: on for full fine-tuning, and for LoRA without DeepSpeed in runs "
-                "of at least 200 optimizer steps (shorter ones do not pay the compile back); off elsewhere."})
+                "Unset, on CUDA and not under ZeRO-3: on for full fine-tuning, and for LoRA without DeepSpeed where "
+                "CUDA graphs cannot run (several processes) in runs of at least 200 optimizer steps (shorter ones do "
+                "not pay the compile back); off elsewhere."})
+    cuda_graphs: Optional[bool] = field(default=None, metadata={
+        "nargs": "?", "const": True,
+        "help": "Capture each packed micro-batch's forward, loss and backward as a CUDA graph per token bucket "
+                "(rows padded to at most 25%% more tokens) and replay it: the host no longer issues thousands of "
+                "kernels a step. Unset: on where it can run (CUDA, one process without DeepSpeed, packing, bf16, no "
+                "gradient checkpointing, no torch.compile); off elsewhere."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the train data (may be fractional)."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
     learning_rate: float = field(default=2e-5, metadata={

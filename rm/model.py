@@ -238,13 +238,14 @@ LORA_COMPILE_MIN_STEPS = 200
 
 
 def compile_requested(requested: bool | None, device: torch.device, zero_stage: int, use_peft: bool,
-                      optimizer_steps: int) -> tuple[bool, str]:
+                      optimizer_steps: int, graphs_possible: bool = False) -> tuple[bool, str]:
     """--torch_compile on or off, and why. An explicit true/false wins. Unset, on CUDA and not under ZeRO-3 (its
     parameter gathering runs in module hooks, which a compiled layer would trace; not tried): on for full
     fine-tuning, which pays back its ~20 s within tens of steps (1.8-2.3x per step); for LoRA only without DeepSpeed
-    (where it was measured) and in runs of at least LORA_COMPILE_MIN_STEPS optimizer steps: on a fresh machine its
-    compile put the first step ~25 s later and saved ~0.13 s a step (Qwen3-0.6B shape, 26 -> 46 pairs/s), paid back
-    after ~190 steps (docs/speed_results.md)."""
+    (where it was measured), where CUDA graphs cannot run (graphs_possible: one process, --cuda_graphs not false,
+    packing; eager LoRA under graphs ran 1.8x the old eager rate, Qwen3-0.6B shape, docs/speed_results.md), and in
+    runs of at least LORA_COMPILE_MIN_STEPS optimizer steps: on a fresh machine its compile put the first step ~25 s
+    later and saved ~0.13 s a step (26 -> 46 pairs/s), paid back after ~190 steps."""
     if requested is not None:
         return requested, "as set"
     if device.type != "cuda":
@@ -253,6 +254,8 @@ def compile_requested(requested: bool | None, device: torch.device, zero_stage: 
         return False, "auto: not under ZeRO-3"
     if use_peft and zero_stage > 0:
         return False, "auto: LoRA under DeepSpeed runs eager (its compile was measured without DeepSpeed only)"
+    if use_peft and graphs_possible:
+        return False, "auto: LoRA on one process runs eager under CUDA graphs (faster than compiled layers)"
     if use_peft and optimizer_steps < LORA_COMPILE_MIN_STEPS:
         return False, (f"auto: a LoRA compile pays back after ~190 optimizer steps; this run has {optimizer_steps}, "
                        f"compiled from {LORA_COMPILE_MIN_STEPS}")

@@ -170,7 +170,7 @@ BAD_VALUES = {
     "bf16": "sometimes", "train_file_dir": "", "validation_file_dir": " ", "cache_dir": "",
     "max_source_length": 0, "max_target_length": -5, "max_train_samples": 0, "max_eval_samples": -2,
     "per_device_train_batch_size": 0, "per_device_eval_batch_size": 0, "gradient_accumulation_steps": 0,
-    "packing": "fast", "max_tokens_per_micro_batch": 0, "torch_compile": "auto", "num_train_epochs": math.nan,
+    "packing": "fast", "max_tokens_per_micro_batch": 0, "torch_compile": "auto", "cuda_graphs": "auto", "num_train_epochs": math.nan,
     "max_steps": 0, "learning_rate": 0.0, "weight_decay": -0.1, "warmup_ratio": 1.0,
     "lr_scheduler_type": "step", "max_grad_norm": -1.0, "center_rewards_coefficient": math.inf, "seed": -1,
     "output_dir": "", "overwrite_output_dir": "please", "logging_steps": 0, "eval_steps": 0, "save_steps": 0,

@@ -78,7 +78,7 @@ def _rewards_and_grads(model, autocast: bool):
     mask[1, 6:] = 0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         rewards = model(input_ids=ids, attention_mask=mask)
-    (rewards * torch.tensor([1.0, -2.0])).sum().backward()
+    (rewards * torch.tensor([1.0, -2.0], device=device)).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return rewards.detach(), grads
 
@@ -91,8 +91,7 @@ def _relative_error(got, expected):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_the_fused_lora_linear_gives_peft_values_and_every_gradient(tiny_model, rslora, device):
     """fp32: the same numbers as PEFT's forward. bf16 autocast: as close to the fp32 numbers as PEFT's own bf16 run
-    is, within 3x (the
-    bf16 noise floor: rounding happens at other places; the fp32 half checks the arithmetic)."""
+    is, within 3x (the bf16 noise floor: the roundings fall in other places; the fp32 half checks the arithmetic)."""
     reference = _lora_reward_model(tiny_model, rslora=rslora).to(device)
     fused = copy.deepcopy(reference)
     assert fuse_lora_linears(fused) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers

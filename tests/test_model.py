@@ -199,6 +199,8 @@ def test_compile_is_on_by_default_on_cuda_only_and_an_explicit_choice_wins():
     assert on(None, cuda, 0, True, LORA_COMPILE_MIN_STEPS) and not on(None, cuda, 2, True, 10_000)
     assert on(True, cpu, 0, True, 1) and not on(False, cuda, 0, False, 10_000)
     assert compile_requested(None, cuda, 0, True, 125)[1].startswith("auto: a LoRA compile pays back")
+    # where CUDA graphs can run (one process), LoRA stays eager under them however long the run; full FT compiles
+    assert not on(None, cuda, 0, True, 10_000, True) and on(None, cuda, 0, False, 10, True)
 
 
 def test_compiled_lora_layers_take_python_floats_as_constants(monkeypatch, tiny_model):
