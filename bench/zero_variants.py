@@ -43,12 +43,12 @@ Z3_BUCKETS = {**BUCKETS, "stage3_prefetch_bucket_size": 500_000_000, "stage3_max
               "stage3_max_reuse_distance": 1_000_000_000}
 VARIANTS: dict[str, dict[str, Any]] = {  # stage, zero_optimization keys, other json keys, accelerate yaml keys
     "z3-persist": {"stage": 3, "zero": {"stage3_param_persistence_threshold": 10_000_000}},
-    "z3-leaf": {"stage": 3, "zero": {"stage3_module_granularity_threshold": 200_000}},
-    "z3-leaf-all": {"stage": 3, "zero": {"stage3_module_granularity_threshold": 1_000_000_000}},
     "z3-auto": {"stage": 3, "zero": {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
                                      "stage3_param_persistence_threshold": "auto"}},
     "z3-buckets": {"stage": 3, "zero": Z3_BUCKETS},
     "z3-tuned": {"stage": 3, "zero": {**Z3_BUCKETS, "stage3_param_persistence_threshold": 10_000_000}},
+    "z3-per-module": {"stage": 3, "zero": {"leaf_module": {"classes": []}}},
+    "z3-plain-linear": {"stage": 3, "zero": {"memory_efficient_linear": False}},
     "z3-deepcompile": {"stage": 3, "zero": {}, "json": {"compile": {"deepcompile": True}},
                        "yaml": {"dynamo_config": {"dynamo_backend": "INDUCTOR"}}},
     "z2-overlap": {"stage": 2, "zero": {**BUCKETS, "allgather_bucket_size": 500_000_000}},
