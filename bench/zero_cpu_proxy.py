@@ -35,8 +35,8 @@ COMMITTED = {"nods": "cpu.yaml", "z1": "zero1_1node.yaml", "z2": "zero2_1node.ya
 
 
 def make_deep_tiny(path: Path, layers: int) -> Path:
-    """A random Llama reward model of SmolLM2-135M's layout (tied embeddings, 3:1... here 2:1 grouped heads) and
-    depth, hidden 64, with the repo's tiny tokenizer; built once."""
+    """A random Llama reward model of SmolLM2-135M's depth and layout (tied embeddings, grouped key-value heads),
+    hidden 64, with the repo's tiny tokenizer; built once."""
     if (path / "config.json").exists():
         return path
     from transformers import AutoConfig, AutoModelForSequenceClassification
