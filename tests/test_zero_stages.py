@@ -88,7 +88,7 @@ def test_two_processes_match_one_process(tmp_path, modes, reference, launch, mod
         for key in EVAL_KEYS:
             a, b = got_eval[f"eval/{key}"], want_eval[f"eval/{key}"]
             assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4), f"eval/{key} at step {got_eval['step']}: {a} vs {b}"
-    if stage == 3:  # each decoder layer one DeepSpeed leaf (rm.model.set_zero3_leaf_layers), not ~40 hooked modules
+    if stage == 3:  # each decoder layer one DeepSpeed leaf (rm.model.set_zero3_leaf_layers), not every submodule
         assert info["zero3_hooks"]["leaf_modules"] == {"Qwen3DecoderLayer": 2}, info["zero3_hooks"]
         assert info["zero3_hooks"]["hooked_modules"] <= HOOKED_AT_MOST[mode], info["zero3_hooks"]
         assert_export_matches_trainer(out, metrics["final"])
