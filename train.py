@@ -49,7 +49,8 @@ from rm.guards import StepGuard, TrainingInterrupted, TrainingStopped, resume_co
 from rm.loss import pairwise_loss, split_rewards
 from rm.model import (RewardModel, apply_lora, check_model_sources, compile_decoder_layers, compile_requested,
                       compiled_graphs, disable_dropout, enable_checkpointing, import_model_code, load_backbone,
-                      load_tokenizer, needs_checkpointing, start_compile_workers)
+                      load_tokenizer, needs_checkpointing, set_zero3_leaf_layers, start_compile_workers,
+                      zero3_hooks)
 from rm.outputs import METRICS, RUN_INFO, TRAINING_CONFIG, write_json
 from rm.plots import write_training_plots
 from rm.progress import DataPosition, MetricsWindow
@@ -147,6 +148,8 @@ def setup(cfg: TrainConfig) -> Run:
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     graphs = StepGraphs(model, pair_slots, longest_sequence, cfg.gradient_accumulation_steps,
                         cfg.center_rewards_coefficient) if use_graphs else None
+    if stage == 3:
+        model_info["zero3_hooks"] = zero3_hooks(model)  # what DeepSpeed hooked, for run_info.json
     if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
         raise ConfigError(f"gradient accumulation is {accelerator.gradient_accumulation_steps} after prepare, "
                           f"expected {cfg.gradient_accumulation_steps}: remove it from the accelerate yaml")
@@ -201,6 +204,10 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any, log:
     log(f"gradient checkpointing: {'on' if checkpointing else 'off'} ({why}; --gradient_checkpointing true/false)")
     if checkpointing:
         enable_checkpointing(backbone)
+    if stage == 3:
+        leaves = set_zero3_leaf_layers(backbone, accelerator.state.deepspeed_plugin.deepspeed_config)
+        log(f"ZeRO-3 leaf modules: {', '.join(leaves)} (one hook and one gather per layer, not per submodule)"
+            if leaves else "ZeRO-3 leaf modules: as the DeepSpeed config's zero_optimization.leaf_module says")
     if cfg.use_peft:
         backbone.enable_input_require_grads()  # reentrant checkpointing needs a grad-carrying input
         backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,

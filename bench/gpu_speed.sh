@@ -17,7 +17,7 @@ START=$(date +%s)
 LOGS=${OUT:-/tmp}/gpu_speed; mkdir -p "$LOGS"
 K=.whl/bench; D=.whl/data
 PARTS=${PARTS:-profile zero}
-ZERO_ROWS=${ZERO_ROWS:-nods z1 z2 z3 z3-persist z3-tuned z3-auto z3-buckets z2-overlap z1-buckets z3-compile-layers z3-deepcompile z3-leaf}
+ZERO_ROWS=${ZERO_ROWS:-nods z1 z2 z3 z3-persist z3-tuned z3-auto z3-buckets z2-overlap z1-buckets z3-compile-layers z3-deepcompile z3-per-module}
 STEPS=${STEPS:-30} BUDGET_S=${BUDGET_S:-500}
 FAILED=0
 elapsed() { echo $(( $(date +%s) - START )); }

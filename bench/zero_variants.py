@@ -10,20 +10,23 @@ bench/gpu_speed.sh runs them (issue 27). Why each candidate (DeepSpeed 0.19 name
 - z3-persist: parameters up to 1e7 elements stay whole on every rank (default 1e5): no gather or release per
   module in forward and backward; costs memory on several GPUs (SmolLM2-135M's matrices are <= 0.9M elements, so
   all but the embedding persist).
-- z3-leaf: stage3_module_granularity_threshold: modules whose parameters per descendant fall below it become leaf
-  modules, fetched whole with one hook instead of one per submodule (hooks are ZeRO-3's per-module CPU cost).
-- z3-leaf-all: the same with a threshold large enough that the whole model is one leaf (one fetch a forward).
 - z3-auto: accelerate's hidden-size values ("auto": reduce bucket hidden^2, prefetch 0.9 hidden^2, persistence
   10 hidden), what a HF-Trainer-style json gets.
 - z3-buckets: prefetch 5e8 and max live 1e9 parameters, reduce bucket 5e8, overlap_comm and contiguous gradients.
 - z3-tuned: z3-persist + z3-buckets.
-On CPU (tiny model, gloo, fp32, 2026-12-05) z3-persist, z3-tuned, z3-auto and z2-overlap train; z3-leaf stops in
-its first backward (`output with shape [1] doesn't match the broadcast shape [1, 64]`, checkpointing on or off):
-RewardModel calls the backbone and the score head itself, not the modules DeepSpeed may make leaves of; not
-root-caused.
+- z3-per-module: `leaf_module` named, empty: DeepSpeed's per-submodule hooks, as before train.py made each decoder
+  layer a leaf (rm.model.set_zero3_leaf_layers), for the before/after in one call.
+- z3-plain-linear: memory_efficient_linear false: torch's own F.linear in place of DeepSpeed's autograd Function
+  (one Python Function per linear and pass); torch then saves each gathered weight for backward, which keeps it
+  alive after ZeRO-3 releases it (a measurement only, not a candidate for the yamls).
 - z3-deepcompile: DeepSpeed's compiler passes for ZeRO-3 (compile.deepcompile, accelerate's dynamo backend
   inductor so that accelerate calls engine.compile()).
 - z2-overlap, z1-buckets: overlap_comm / contiguous gradients / 5e8 buckets for the lower stages.
+Not a variant any more: stage3_module_granularity_threshold at or above the model's mean parameters per
+module (200000 was) made the root RewardModel the one leaf (DeepSpeed prefers parents). Its inputs (token ids)
+carry no gradient, so its leaf backward hook fired as the first output gradient arrived and released every
+parameter before any gradient was accumulated: `output with shape [1] doesn't match the broadcast shape [1, 64]`
+at the score head, the first gradient (root-caused 2026-12-05).
 """
 
 from __future__ import annotations
@@ -43,12 +46,12 @@ Z3_BUCKETS = {**BUCKETS, "stage3_prefetch_bucket_size": 500_000_000, "stage3_max
               "stage3_max_reuse_distance": 1_000_000_000}
 VARIANTS: dict[str, dict[str, Any]] = {  # stage, zero_optimization keys, other json keys, accelerate yaml keys
     "z3-persist": {"stage": 3, "zero": {"stage3_param_persistence_threshold": 10_000_000}},
-    "z3-leaf": {"stage": 3, "zero": {"stage3_module_granularity_threshold": 200_000}},
-    "z3-leaf-all": {"stage": 3, "zero": {"stage3_module_granularity_threshold": 1_000_000_000}},
     "z3-auto": {"stage": 3, "zero": {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
                                      "stage3_param_persistence_threshold": "auto"}},
     "z3-buckets": {"stage": 3, "zero": Z3_BUCKETS},
     "z3-tuned": {"stage": 3, "zero": {**Z3_BUCKETS, "stage3_param_persistence_threshold": 10_000_000}},
+    "z3-per-module": {"stage": 3, "zero": {"leaf_module": {"classes": []}}},
+    "z3-plain-linear": {"stage": 3, "zero": {"memory_efficient_linear": False}},
     "z3-deepcompile": {"stage": 3, "zero": {}, "json": {"compile": {"deepcompile": True}},
                        "yaml": {"dynamo_config": {"dynamo_backend": "INDUCTOR"}}},
     "z2-overlap": {"stage": 2, "zero": {**BUCKETS, "allgather_bucket_size": 500_000_000}},

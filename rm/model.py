@@ -234,6 +234,35 @@ def needs_checkpointing(requested: bool | None, config: Any, device: torch.devic
                      f"{left / 2**30:.0f} GiB left after the weights and optimizer states")
 
 
+def set_zero3_leaf_layers(model: nn.Module, deepspeed_config: dict[str, Any]) -> list[str]:
+    """Under ZeRO-3, make each decoder layer (the model's `_no_split_modules`, what accelerate's FSDP wraps) a
+    DeepSpeed leaf module: one hook fetches and releases the whole layer, forward and backward, where DeepSpeed
+    otherwise hooks every submodule (~40 a LoRA layer: each linear, its LoRA A/B, norms), and one gather per layer
+    replaces one per linear. Those hooks, not the gathers, cost ZeRO-3 on one GPU (docs/speed_results.md).
+    A DeepSpeed config that names `zero_optimization.leaf_module` itself (even empty: the per-submodule hooks)
+    decides instead; DeepSpeed applies it at prepare. Returns the classes made leaves here. Before prepare."""
+    if "leaf_module" in deepspeed_config.get("zero_optimization", {}):
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    classes = {type(module) for module in model.modules() if type(module).__name__ in names}
+    if classes:
+        set_z3_leaf_modules(model, list(classes))
+    return sorted(cls.__name__ for cls in classes)
+
+
+def zero3_hooks(model: nn.Module) -> dict[str, Any]:
+    """What DeepSpeed hooked after prepare: its leaf modules by class, and how many modules carry its hooks."""
+    from deepspeed.utils import z3_leaf_module
+
+    leaves: dict[str, int] = {}
+    for module in model.modules():
+        if z3_leaf_module(module):
+            leaves[type(module).__name__] = leaves.get(type(module).__name__, 0) + 1
+    return {"leaf_modules": leaves, "hooked_modules": sum(hasattr(m, "ds_id") for m in model.modules())}
+
+
 LORA_COMPILE_MIN_STEPS = 200
 
 

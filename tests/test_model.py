@@ -7,7 +7,7 @@ from accelerate.state import AcceleratorState
 
 from rm.encoding import PairCollator
 from rm.loss import pairwise_loss, split_rewards
-from rm.model import RewardModel, apply_lora, last_token_index, position_ids_from_mask
+from rm.model import RewardModel, apply_lora, last_token_index, position_ids_from_mask, set_zero3_leaf_layers
 
 
 def test_last_token_index_right_and_left_padding():
@@ -219,3 +219,12 @@ def test_compiled_lora_layers_take_python_floats_as_constants(monkeypatch, tiny_
     _, codes = run_and_get_code(lambda: model(input_ids=torch.randint(0, 100, (1, 12))).logits.sum().backward())
     assert codes and not any("float64" in code for code in codes), [c for c in codes if "float64" in c][0][:2000]
     torch._dynamo.reset()
+
+
+def test_zero3_leaf_layers_are_the_decoder_layers_unless_the_deepspeed_config_names_its_own(tiny_model):
+    from deepspeed.utils import z3_leaf_module
+
+    assert set_zero3_leaf_layers(tiny_model, {"zero_optimization": {"leaf_module": {"classes": []}}}) == []
+    assert not any(z3_leaf_module(m) for m in tiny_model.modules())  # the config's own choice: DeepSpeed applies it
+    assert set_zero3_leaf_layers(tiny_model, {"zero_optimization": {"stage": 3}}) == ["Qwen3DecoderLayer"]
+    assert [m for m in tiny_model.modules() if z3_leaf_module(m)] == list(tiny_model.model.layers)

@@ -59,6 +59,9 @@ def reference(tmp_path_factory, modes):
     return runs
 
 
+# modules DeepSpeed hooks under ZeRO-3 (tiny, 2 layers): with leaf layers, all but the layers' insides; without, a
+# full fine-tuning layer adds ~15 and a LoRA layer ~80 (each LoRA linear is 6 modules)
+HOOKED_AT_MOST = {"full": 11, "lora": 16}
 FLOOR = {("zero1", "full"), ("zero2", "full"), ("zero3", "full"), ("zero3", "lora")}  # .ci/run's floor stack too
 
 
@@ -85,7 +88,9 @@ def test_two_processes_match_one_process(tmp_path, modes, reference, launch, mod
         for key in EVAL_KEYS:
             a, b = got_eval[f"eval/{key}"], want_eval[f"eval/{key}"]
             assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4), f"eval/{key} at step {got_eval['step']}: {a} vs {b}"
-    if stage == 3:
+    if stage == 3:  # each decoder layer one DeepSpeed leaf (rm.model.set_zero3_leaf_layers), not every submodule
+        assert info["zero3_hooks"]["leaf_modules"] == {"Qwen3DecoderLayer": 2}, info["zero3_hooks"]
+        assert info["zero3_hooks"]["hooked_modules"] <= HOOKED_AT_MOST[mode], info["zero3_hooks"]
         assert_export_matches_trainer(out, metrics["final"])
     if (launch, mode) == ("zero3", "full"):  # the sharded state saved at step 5 recomputes the last 3 steps
         _, resumed, _ = run_train(out, *args, "--resume_from_checkpoint", "latest", **{**launcher, "port": next(PORTS)})
